@@ -1,0 +1,6 @@
+"""Per-example gradient statistics: `GradStats` sums and the backends that compute them."""
+
+from adaptive_batch.stats._grad_stats import GradStats
+from adaptive_batch.stats._per_example_stats import per_example_stats
+
+__all__ = ["GradStats", "per_example_stats"]
