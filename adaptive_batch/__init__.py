@@ -6,6 +6,20 @@ AdAdaGrad), as Optax gradient transformations fed by per-example gradient statis
 
 from adaptive_batch.control import BatchPlan, BatchSizeController
 from adaptive_batch.stats import GradStats, per_example_stats
+from adaptive_batch.transforms import (
+    adadagrad,
+    adadagrad_norm,
+    augmented_inner_product_test,
+    cabs,
+    cabs_rule,
+    coordinate_norm_test,
+    gradient_noise_scale,
+    inner_product_test,
+    norm_test,
+    scale_by_adagrad_norm,
+    scale_by_batch_size,
+    suggested_batch_size,
+)
 
 __version__ = "0.1.0.dev0"
 
@@ -14,5 +28,17 @@ __all__ = [
     "BatchSizeController",
     "GradStats",
     "__version__",
+    "adadagrad",
+    "adadagrad_norm",
+    "augmented_inner_product_test",
+    "cabs",
+    "cabs_rule",
+    "coordinate_norm_test",
+    "gradient_noise_scale",
+    "inner_product_test",
+    "norm_test",
     "per_example_stats",
+    "scale_by_adagrad_norm",
+    "scale_by_batch_size",
+    "suggested_batch_size",
 ]

@@ -1,0 +1,126 @@
+"""AdAdaGrad (Lau, Liu, Kolar 2024): the coordinate-wise norm test with AdaGrad."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from adaptive_batch.transforms import _common
+from adaptive_batch.transforms._coordinate_norm_test import coordinate_norm_test
+
+
+class ScaleByAdagradTorchState(NamedTuple):
+    """State of AdaGrad with PyTorch's semantics."""
+
+    sum_sq: optax.Params  # like params, float (>= float32): s_k = Σ_{t<=k} g_t ⊙ g_t
+
+
+def scale_by_adagrad_torch(eps=1e-10) -> optax.GradientTransformation:
+    r"""AdaGrad as ``torch.optim.Adagrad`` (the official AdAdaGrad code's optimizer).
+
+    .. math::
+
+        s_0 = 0,\quad s_k = s_{k-1} + g_k \odot g_k,\qquad u_k = g_k / (\sqrt{s_k} + \epsilon)
+
+    with ε = 1e-10 outside the root. ``optax.adagrad`` differs (initial accumulator 0.1,
+    ε = 1e-7 inside the root). A coordinate whose gradients have all been 0 gets a 0
+    update. The accumulator is kept in at least float32.
+
+    Args:
+      eps: ε >= 0 added to the root (default 1e-10, as PyTorch).
+    """
+    _common.check_real(
+        "scale_by_adagrad_torch", "eps", eps, low=0, low_open=False,
+        hint="Pass a small nonnegative number such as eps=1e-10.",
+    )  # fmt: skip
+
+    def init_fn(params):
+        dtype = _common.state_dtype(params)
+        return ScaleByAdagradTorchState(
+            sum_sq=jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), dtype), params)
+        )
+
+    def update_fn(updates, state, params=None):
+        del params
+        sum_sq = jax.tree.map(lambda s, g: s + jnp.square(g.astype(s.dtype)), state.sum_sq, updates)
+        updates = jax.tree.map(
+            lambda g, s: (g.astype(s.dtype) / (jnp.sqrt(s) + eps)).astype(g.dtype),
+            updates,
+            sum_sq,
+        )
+        return updates, ScaleByAdagradTorchState(sum_sq=sum_sq)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def adadagrad(
+    learning_rate,
+    *,
+    eta=0.1,
+    eps=1e-10,
+    min_batch_size=16,
+    max_batch_size=2048,
+    initial_batch_size=None,
+    every=1,
+    monotone: bool = True,
+) -> optax.GradientTransformationExtraArgs:
+    r"""AdAdaGrad: the coordinate-wise norm test sets the batch size, AdaGrad steps.
+
+    ``optax.chain(coordinate_norm_test(eta, ...), scale_by_adagrad_torch(eps),
+    optax.scale_by_learning_rate(learning_rate))``:
+
+    .. math::
+
+        s_k = s_{k-1} + \bar g_k \odot \bar g_k,\ s_0 = 0,\qquad
+        x_{k+1} = x_k - \alpha\, \bar g_k / (\sqrt{s_k} + 10^{-10}),
+
+    with PyTorch's AdaGrad semantics as the official code, and the next batch size from
+    the coordinate-wise test on the same batch (see `coordinate_norm_test`, including
+    how coordinates with ḡⱼ = 0 are treated). Needs
+    ``per_example_stats(loss_fn, coordinates=True)``.
+
+    Args:
+      learning_rate: α > 0, a float or an Optax schedule (the official MNIST scripts
+        use 8e-3).
+      eta: test tolerance η > 0 (default 0.1).
+      eps: AdaGrad's ε outside the root (default 1e-10).
+      min_batch_size, max_batch_size, initial_batch_size, every, monotone: as in
+        `norm_test` (defaults 16, 2048, ``None`` → min, 1, ``True``).
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> import adaptive_batch as ab
+      >>> loss_fn = lambda w, b: 0.5 * (b["x"] @ w - b["y"]) ** 2
+      >>> stats_fn = ab.per_example_stats(loss_fn, coordinates=True)
+      >>> tx = ab.adadagrad(0.1, min_batch_size=4)
+      >>> w = jnp.zeros(3)
+      >>> state = tx.init(w)
+      >>> stats = stats_fn(w, {"x": jnp.eye(4, 3), "y": jnp.arange(4.0)})
+      >>> updates, state = tx.update(stats.mean_grad, state, w, grad_stats=stats)
+      >>> int(ab.suggested_batch_size(state)) >= 4
+      True
+
+    References:
+      Lau, Liu, Kolar, "AdAdaGrad: Adaptive Batch Size Schemes for Adaptive Gradient
+      Methods", https://arxiv.org/abs/2402.11215
+    """
+    if not callable(learning_rate):
+        _common.check_real(
+            "adadagrad", "learning_rate", learning_rate, low=0,
+            hint="Pass a positive learning rate such as learning_rate=8e-3, or a schedule.",
+        )  # fmt: skip
+    return optax.chain(
+        coordinate_norm_test(
+            eta,
+            min_batch_size=min_batch_size,
+            max_batch_size=max_batch_size,
+            initial_batch_size=initial_batch_size,
+            every=every,
+            monotone=monotone,
+        ),
+        scale_by_adagrad_torch(eps),
+        optax.scale_by_learning_rate(learning_rate),
+    )
