@@ -1,0 +1,192 @@
+"""The ``"fast"`` and ``"auto"`` backends: GradStats at about the cost of one backward pass.
+
+For a parameter W that enters the loss once, linearly, at y = f(a, W) (a dense layer, a
+convolution, an embedding lookup, a scale or a bias), the per-example gradient is
+gᵢ(W) = (∂y/∂W)ᵀ δᵢ with δᵢ = ∂ℓᵢ/∂yᵢ. All δᵢ of all such layers come from ONE
+reverse pass: a zero perturbation εₛ is added to every site output and the masked sum
+Σᵢ mᵢ ℓᵢ is differentiated with respect to the perturbations,
+
+    ∂(Σᵢ mᵢ ℓᵢ)/∂εₛ = (mᵢ δᵢ)ᵢ,
+
+while the layer inputs a are recorded on the way forward. The layer rules
+(`_fast_rules`) then give Σgᵢ, Σ‖gᵢ‖² and Σgᵢ⊙gᵢ without materialising every gᵢ.
+
+Leaves used any other way (tied weights, parameters inside loops or custom
+derivatives, unusual primitives) fall back to exact per-example gradients *in the same
+pass*: they are fed in broadcast to one copy per example, and the reverse pass returns
+the per-example gradients of those leaves only. `fast_stats_report` tells which leaf
+uses which rule.
+
+The loss is traced per example (a batch of one, as the ``"vmap"`` backend does), so the
+batch axis of every recorded value is the leading axis added by ``jax.vmap``; this is
+what makes the analysis independent of how a model lays out its batch.
+
+References: Dangel, Kunstner, Hennig, "BackPACK: Packing more into backprop",
+https://arxiv.org/abs/1912.10985; Goodfellow, "Efficient per-example gradient
+computations", https://arxiv.org/abs/1510.01799.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from adaptive_batch.stats._fast_analysis import Plan, analyze, evaluate
+from adaptive_batch.stats._fast_rules import choose_rule, site_stats
+from adaptive_batch.stats._grad_stats import GradStats
+from adaptive_batch.stats._vmap import accumulation_dtype, masked, vmap_sums
+
+PyTree = Any
+_WARNED: set = set()
+
+
+def build_plan(loss_fn, params: PyTree, batch: PyTree, *, coordinates: bool) -> Plan:
+    """Trace the per-example loss and decide a rule for every parameter leaf."""
+    leaves, treedef = jax.tree.flatten(params)
+    batch_leaves, batch_def = jax.tree.flatten(batch)
+    num_leaves = len(leaves)
+
+    def example_loss(*flat):
+        p = jax.tree.unflatten(treedef, flat[:num_leaves])
+        example = jax.tree.unflatten(batch_def, flat[num_leaves:])
+        return loss_fn(p, jax.tree.map(lambda x: x[None], example))[0]
+
+    specs = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in leaves]
+    specs += [jax.ShapeDtypeStruct(jnp.shape(x)[1:], jnp.result_type(x)) for x in batch_leaves]
+    plan = analyze(jax.make_jaxpr(example_loss)(*specs), num_leaves)
+    batch_size = jnp.shape(batch_leaves[0])[0]
+    plan.sites = {
+        path: dataclasses.replace(site, rule=choose_rule(site, batch_size, coordinates))
+        for path, site in plan.sites.items()
+    }
+    return plan
+
+
+def fast_sums(loss_fn, params, batch, mask, *, coordinates: bool, warn: bool = True):
+    """GradStats (without inner-product sums) of one chunk, by the layer rules."""
+    plan = build_plan(loss_fn, params, batch, coordinates=coordinates)
+    leaves, treedef = jax.tree.flatten(params)
+    if warn and plan.fallback:
+        _warn_fallback(loss_fn, plan, params)
+    batch_size = mask.shape[0]
+    paths = list(plan.sites)
+    fallback = sorted(plan.fallback)
+    zeros = [
+        jnp.zeros((batch_size, *aval.shape), aval.dtype)
+        for aval in (plan.sites[p].eqn.outvars[0].aval for p in paths)
+    ]
+    copies = [jnp.broadcast_to(leaves[i], (batch_size, *jnp.shape(leaves[i]))) for i in fallback]
+
+    def example(perturbations, leaf_copies, example_leaves):
+        args = list(leaves)
+        for i, copy in zip(fallback, leaf_copies, strict=True):
+            args[i] = copy
+        outs, records = evaluate(
+            plan, args + list(example_leaves), dict(zip(paths, perturbations, strict=True))
+        )
+        return outs[0], [records[p] for p in paths]
+
+    def masked_total(perturbations, leaf_copies):
+        losses, records = jax.vmap(example)(perturbations, leaf_copies, jax.tree.leaves(batch))
+        return jnp.sum(jnp.where(mask, losses, 0)), (losses, records)
+
+    total, backward, (losses, records) = jax.vjp(masked_total, zeros, copies, has_aux=True)
+    deltas, copy_grads = backward(jnp.ones_like(total))
+
+    grad_sum, sq_sum, sq_norm = [None] * len(leaves), [None] * len(leaves), []
+    for path, site_records, delta in zip(paths, records, deltas, strict=True):
+        site = plan.sites[path]
+        site_records = [_mask_rows(r, mask) for r in site_records]
+        g, q, s = site_stats(
+            site,
+            site_records,
+            masked(delta, mask),
+            leaf_aval=jax.typeof(leaves[site.view.leaf]),
+            coordinates=coordinates,
+        )
+        grad_sum[site.view.leaf], sq_sum[site.view.leaf] = g, s
+        sq_norm.append(q)
+    for i, g in zip(fallback, copy_grads, strict=True):
+        g = masked(g, mask)
+        grad_sum[i], sq_sum[i] = jnp.sum(g, 0), jnp.sum(jnp.square(g), 0)
+        sq_norm.append(jnp.sum(jnp.square(g)))
+    for i in plan.unused:
+        grad_sum[i] = sq_sum[i] = jnp.zeros(jnp.shape(leaves[i]), _acc(leaves[i]))
+    return GradStats(
+        count=jnp.sum(mask, dtype=jnp.float32),
+        loss_sum=jnp.sum(masked(losses, mask)),
+        grad_sum=jax.tree.unflatten(treedef, grad_sum),
+        sq_norm_sum=sum(sq_norm) if sq_norm else jnp.zeros((), jnp.float32),
+        sq_sum=jax.tree.unflatten(treedef, sq_sum) if coordinates else None,
+    )
+
+
+def auto_sums(loss_fn, params, batch, mask, *, coordinates: bool):
+    """``"fast"`` where at least one leaf has a layer rule, else ``"vmap"``; no warnings."""
+    try:
+        plan = build_plan(loss_fn, params, batch, coordinates=coordinates)
+    except Exception as error:
+        warnings.warn(
+            f"backend='auto': the fast statistics could not trace loss_fn ({error!r}); "
+            "using the exact vmap backend.",
+            stacklevel=3,
+        )
+        plan = None
+    if plan is None or not plan.sites:
+        return vmap_sums(loss_fn, params, batch, mask, coordinates=coordinates)
+    return fast_sums(loss_fn, params, batch, mask, coordinates=coordinates, warn=False)
+
+
+def fast_stats_report(loss_fn, params: PyTree, batch: PyTree, *, coordinates: bool = False):
+    """Which rule the ``"fast"`` backend uses for each parameter leaf.
+
+    Returns a dict from the leaf's key path (``jax.tree_util.keystr``) to one of
+    ``"dense"`` (one position per example), ``"dense-gram"`` / ``"dense-products"``
+    (weights shared over positions), ``"conv-products"``, ``"embedding"``,
+    ``"elementwise"`` (scales, biases), ``"products"``, ``"unused"``, or
+    ``"fallback: <reason>"`` (exact per-example gradients for that leaf).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from adaptive_batch.stats import fast_stats_report
+      >>> def loss_fn(p, batch):
+      ...     return jnp.sum((batch @ p["w"] + p["b"]) ** 2, axis=-1)
+      >>> params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+      >>> fast_stats_report(loss_fn, params, jnp.ones((4, 3)))
+      {"['b']": 'elementwise', "['w']": 'dense'}
+    """
+    plan = build_plan(loss_fn, params, batch, coordinates=coordinates)
+    rules = {site.view.leaf: site.rule for site in plan.sites.values()}
+    rules.update({i: f"fallback: {why}" for i, why in plan.fallback.items()})
+    rules.update({i: "unused" for i in plan.unused})
+    paths = [jax.tree_util.keystr(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    return {path: rules[i] for i, path in enumerate(paths)}
+
+
+def _mask_rows(x, mask):
+    if jnp.issubdtype(x.dtype, jnp.floating):
+        return masked(x, mask)
+    return jnp.where(mask.reshape(mask.shape + (1,) * (x.ndim - 1)), x, jnp.zeros((), x.dtype))
+
+
+def _acc(x):
+    return accumulation_dtype(jnp.result_type(x))
+
+
+def _warn_fallback(loss_fn, plan: Plan, params) -> None:
+    paths = [jax.tree_util.keystr(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    key = (id(loss_fn), tuple(sorted(plan.fallback)))
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    listing = "; ".join(f"params{paths[i]}: {why}" for i, why in sorted(plan.fallback.items()))
+    warnings.warn(
+        "backend='fast': no layer rule for some parameters, so their statistics use exact "
+        f"per-example gradients (memory batch × leaf size): {listing}. "
+        "See adaptive_batch.stats.fast_stats_report(loss_fn, params, batch).",
+        stacklevel=3,
+    )

@@ -1,0 +1,264 @@
+"""Layer rules of the ``"fast"`` backend: statistics of gᵢ(W) from layer inputs and δᵢ.
+
+Every rule receives, for one site (see `_fast_analysis`), the site's other operands
+``records`` and the backprop signals ``delta`` = ∂ℓᵢ/∂y, each with a leading batch
+axis and already masked (padding rows are zero), and returns
+
+    (Σᵢ gᵢ, Σᵢ ‖gᵢ‖², Σᵢ gᵢ⊙gᵢ or None)
+
+for the parameter leaf, without holding all gᵢ at once.
+
+* Dense, ``y = a·W`` with P positions sharing W (P = 1 for an MLP):
+  gᵢ = Σₚ aᵢₚ ⊗ δᵢₚ. With P = 1: ‖gᵢ‖² = ‖aᵢ‖²‖δᵢ‖² and Σᵢ gᵢ⊙gᵢ = (a⊙a)ᵀ(δ⊙δ).
+  With P > 1: the Gram form ‖gᵢ‖² = Σₚ,q (aᵢₚ·aᵢq)(δᵢₚ·δᵢq), cost ~B·P²·(K+N), or
+  per-example products, cost ~B·P·K·N, whichever is cheaper.
+* Embedding lookup ``y = E[ids]``: gᵢ = rows of δᵢ summed per distinct id; positions
+  with equal ids are grouped by segment sums within each example.
+* Everything else linear in W (convolutions, elementwise scale and bias, dense layers
+  seen through a broadcast): per-example products gᵢ = (∂y/∂W)ᵀδᵢ, one ``jax.vjp`` of
+  the site equation vmapped over a chunk of examples, chunks summed in a ``lax.scan``
+  so memory stays at chunk × |W|.
+
+References: Dangel, Kunstner, Hennig, "BackPACK: Packing more into backprop", ICLR 2020,
+https://arxiv.org/abs/1912.10985; Goodfellow, "Efficient per-example gradient
+computations", https://arxiv.org/abs/1510.01799; Rochette, Manoel, Tramel, "Efficient
+per-example gradient computations in convolutional neural networks",
+https://arxiv.org/abs/1912.06015.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from adaptive_batch.stats._fast_analysis import Site
+
+
+def choose_rule(site: Site, batch_size: int, coordinates: bool) -> str:
+    """The rule a site uses, decided from static shapes only."""
+    name = site.eqn.primitive.name
+    if name == "dot_general" and site.view.bijective:
+        _, _, positions, k, n = _dense_sizes(site)
+        if positions == 1:
+            return "dense"
+        if not coordinates and positions * (k + n) < k * n:
+            return "dense-gram"
+        return "dense-products"
+    if name == "gather" and _is_embedding(site):
+        return "embedding"
+    if name == "conv_general_dilated":
+        return "conv-products"
+    if name == "dot_general":
+        return "dense-products"
+    return "elementwise" if name in ("mul", "add", "add_any", "sub", "div") else "products"
+
+
+def site_stats(site: Site, records, delta, *, leaf_aval, coordinates: bool):
+    """(Σ gᵢ, Σ ‖gᵢ‖², Σ gᵢ⊙gᵢ | None) of the site's parameter leaf."""
+    rule = site.rule
+    if rule in ("dense", "dense-gram", "dense-products"):
+        canonical = _dense_canonical(site, records[0], delta)
+        if rule == "dense":
+            out = _dense_outer(*canonical, coordinates)
+        elif rule == "dense-gram":
+            out = _dense_gram(*canonical)
+        else:
+            a, d = canonical
+            budget = max(a.size + d.size, a.shape[2] * d.shape[2])
+            out = _chunked_sums(
+                lambda a, d: jnp.einsum("bhpk,bhpn->bhkn", a, d), (a, d), budget, coordinates
+            )
+        out = tuple(_dense_to_weight(site, x) if x is not None and x.ndim else x for x in out)
+    elif rule == "embedding":
+        out = _embedding(site, records[0], delta, coordinates)
+    else:
+        out = _products(site, records, delta, coordinates)
+    grad_sum, sq_norm, sq_sum = out
+    grad_sum = chain_transpose(site, leaf_aval, grad_sum)
+    if sq_sum is not None:  # every chain here is bijective: squares follow the entries
+        sq_sum = chain_transpose(site, leaf_aval, sq_sum)
+    return grad_sum, sq_norm, sq_sum
+
+
+def chain_transpose(site: Site, leaf_aval, cotangent):
+    """Map a cotangent of the viewed weight back to the leaf (dtype casts skipped, so the
+    sums keep their accumulation precision)."""
+
+    def chain(w):
+        for eqn in site.view.chain:
+            if eqn.primitive.name != "convert_element_type":
+                w = eqn.primitive.bind(w, **eqn.primitive.get_bind_params(eqn.params))
+        return w
+
+    primal = jnp.zeros(leaf_aval.shape, cotangent.dtype)
+    return jax.vjp(chain, primal)[1](cotangent)[0]
+
+
+# ----------------------------------------------------------------------------- dense
+
+
+def _dense_dims(site: Site):
+    (lc, rc), (lb, rb) = site.eqn.params["dimension_numbers"]
+    if site.weight_pos == 1:
+        return tuple(lc), tuple(rc), tuple(lb), tuple(rb)
+    return tuple(rc), tuple(lc), tuple(rb), tuple(lb)
+
+
+def _dense_sizes(site: Site):
+    ac, wc, ab, wb = _dense_dims(site)
+    a_shape = site.eqn.invars[1 - site.weight_pos].aval.shape
+    w_shape = site.eqn.invars[site.weight_pos].aval.shape
+    af = [d for d in range(len(a_shape)) if d not in ac and d not in ab]
+    wf = [d for d in range(len(w_shape)) if d not in wc and d not in wb]
+    sizes = lambda shape, dims: math.prod(shape[d] for d in dims)  # noqa: E731
+    return af, wf, sizes(a_shape, af), sizes(a_shape, ac), sizes(w_shape, wf)
+
+
+def _dense_canonical(site: Site, a, delta):
+    """Inputs as (B, H, P, K) and signals as (B, H, P, N): H shared batch dims of the
+    contraction, P positions, K contracted, N output features."""
+    ac, _, ab, _ = _dense_dims(site)
+    af, wf, positions, k, n = _dense_sizes(site)
+    batch, heads = a.shape[0], math.prod(a.shape[1 + d] for d in ab)
+    a = jnp.transpose(a, [0] + [1 + d for d in (*ab, *af, *ac)])
+    nb = len(ab)
+    a_out = list(range(nb, nb + len(af)))
+    w_out = list(range(nb + len(af), nb + len(af) + len(wf)))
+    if site.weight_pos == 0:  # dot_general puts lhs free dims first
+        w_out = list(range(nb, nb + len(wf)))
+        a_out = list(range(nb + len(wf), nb + len(wf) + len(af)))
+    delta = jnp.transpose(delta, [0] + [1 + d for d in (*range(nb), *a_out, *w_out)])
+    return a.reshape(batch, heads, positions, k), delta.reshape(batch, heads, positions, n)
+
+
+def _dense_to_weight(site: Site, x):
+    """(H, K, N) back to the layout of the viewed weight."""
+    _, wc, _, wb = _dense_dims(site)
+    _, wf, *_ = _dense_sizes(site)
+    w_shape = site.eqn.invars[site.weight_pos].aval.shape
+    order = (*wb, *wc, *wf)
+    x = x.reshape([w_shape[d] for d in order])
+    return jnp.transpose(x, np.argsort(order))
+
+
+def _dense_outer(a, d, coordinates):
+    a, d = a[:, :, 0], d[:, :, 0]  # one position
+    grad_sum = jnp.einsum("bhk,bhn->hkn", a, d)
+    sq_norm = jnp.sum(jnp.sum(a * a, -1) * jnp.sum(d * d, -1))
+    sq_sum = jnp.einsum("bhk,bhn->hkn", a * a, d * d) if coordinates else None
+    return grad_sum, sq_norm, sq_sum
+
+
+def _dense_gram(a, d):
+    grad_sum = jnp.einsum("bhpk,bhpn->hkn", a, d)
+    gram_a = jnp.einsum("bhpk,bhqk->bhpq", a, a)
+    gram_d = jnp.einsum("bhpn,bhqn->bhpq", d, d)
+    return grad_sum, jnp.sum(gram_a * gram_d), None
+
+
+# ----------------------------------------------------------------------------- embedding
+
+
+def _is_embedding(site: Site) -> bool:
+    eqn = site.eqn
+    operand, indices = (v.aval for v in eqn.invars)
+    dn = eqn.params["dimension_numbers"]
+    out_ndim = eqn.outvars[0].aval.ndim
+    return (
+        site.weight_pos == 0
+        and site.view.bijective
+        and operand.ndim == 2
+        and indices.shape[-1:] == (1,)
+        and tuple(dn.offset_dims) == (out_ndim - 1,)
+        and tuple(dn.collapsed_slice_dims) == (0,)
+        and tuple(dn.start_index_map) == (0,)
+        and not dn.operand_batching_dims
+        and tuple(eqn.params["slice_sizes"]) == (1, operand.shape[1])
+    )
+
+
+def _embedding(site: Site, ids, delta, coordinates):
+    vocab, width = site.eqn.invars[0].aval.shape
+    batch = ids.shape[0]
+    ids = ids.reshape(batch, -1)
+    delta = delta.reshape(batch, -1, width)
+    positions = ids.shape[1]
+    if site.eqn.params["mode"] == lax.GatherScatterMode.FILL_OR_DROP:
+        valid = (ids >= 0) & (ids < vocab)
+        delta = jnp.where(valid[..., None], delta, 0)
+    else:  # clip (and promise-in-bounds, which XLA clamps)
+        ids = jnp.clip(ids, 0, vocab - 1)
+    # Per example, add each position's signal onto the first position with the same id.
+    first = jnp.argmax(ids[:, :, None] == ids[:, None, :], axis=2)
+    segments = jax.vmap(lambda d, f: jax.ops.segment_sum(d, f, num_segments=positions))(
+        delta, first
+    )
+    squares = jnp.square(segments)
+    flat_ids = ids.reshape(-1)
+    zeros = jnp.zeros((vocab, width), delta.dtype)
+    grad_sum = zeros.at[flat_ids].add(delta.reshape(-1, width), mode="drop")
+    sq_sum = None
+    if coordinates:
+        sq_sum = zeros.at[flat_ids].add(squares.reshape(-1, width), mode="drop")
+    return grad_sum, jnp.sum(squares), sq_sum
+
+
+# ----------------------------------------------------------------------------- products
+
+
+def _products(site: Site, records, delta, coordinates):
+    """Per-example gᵢ(W) = (∂y/∂W)ᵀδᵢ by a vjp of the site equation, in chunks."""
+    eqn, pos = site.eqn, site.weight_pos
+    w_aval = eqn.invars[pos].aval
+    bind_params = eqn.primitive.get_bind_params(eqn.params)
+
+    others = [v.aval for i, v in enumerate(eqn.invars) if i != pos]
+    out_dtype = eqn.outvars[0].aval.dtype
+
+    def one(recs, d):
+        # Back to the traced dtypes: the records were widened for the sums.
+        recs = [r.astype(aval.dtype) for r, aval in zip(recs, others, strict=True)]
+
+        def site_fn(w):
+            operands = list(recs)
+            operands.insert(pos, w)
+            return eqn.primitive.bind(*operands, **bind_params)
+
+        g = jax.vjp(site_fn, jnp.zeros(w_aval.shape, w_aval.dtype))[1](d.astype(out_dtype))[0]
+        return g.astype(d.dtype)
+
+    per_example = jax.vmap(one)
+    budget = max(delta.size, w_aval.size)
+    return _chunked_sums(lambda r, d: per_example(r, d), (records, delta), budget, coordinates)
+
+
+def _chunked_sums(per_example_grads, inputs, budget: int, coordinates: bool):
+    """Σ g, Σ‖g‖², [Σ g⊙g] of per-example grads, ≤ budget elements of them at a time."""
+    batch = jax.tree.leaves(inputs)[0].shape[0]
+    g_shape = jax.eval_shape(per_example_grads, *jax.tree.map(lambda x: x[:1], inputs))
+    per_row = math.prod(g_shape.shape[1:])
+    fits = [c for c in range(2, batch + 1) if batch % c == 0 and c * per_row <= budget]
+    chunk = max(fits, default=1)
+
+    def sums(args):
+        g = per_example_grads(*args)
+        sq = jnp.square(g)
+        return (
+            jnp.sum(g, 0),
+            jnp.sum(sq),
+            jnp.sum(sq, 0) if coordinates else None,
+        )
+
+    if chunk == batch:
+        return sums(inputs)
+    chunks = jax.tree.map(lambda x: x.reshape((batch // chunk, chunk, *x.shape[1:])), inputs)
+
+    def step(carry, args):
+        return jax.tree.map(jnp.add, carry, sums(args)), None
+
+    init = jax.tree.map(jnp.zeros_like, jax.eval_shape(sums, jax.tree.map(lambda x: x[0], chunks)))
+    return lax.scan(step, init, chunks)[0]
