@@ -12,12 +12,14 @@ from optax import microbatching
 
 from adaptive_batch.stats import _validation
 from adaptive_batch.stats._grad_stats import GradStats
+from adaptive_batch.stats._fast import auto_sums, fast_sums
 from adaptive_batch.stats._vmap import masked, vmap_sums
 
 PyTree = Any
 StatsFn = Callable[..., GradStats]
 
-BACKENDS = ("vmap",)
+_SUMS = {"vmap": vmap_sums, "fast": fast_sums, "auto": auto_sums}
+BACKENDS = tuple(_SUMS)
 
 
 def per_example_stats(
@@ -49,7 +51,11 @@ def per_example_stats(
       coordinates: also return ``sq_sum`` = Σᵢ gᵢ⊙gᵢ (needed by coordinate-wise rules).
       inner: also return ``inner_sum`` and ``inner_sq_sum`` (inner-product tests). Costs
         one extra forward-mode pass over the batch.
-      backend: ``"vmap"``: exact per-example gradients with ``jax.vmap``.
+      backend: ``"vmap"``: exact per-example gradients with ``jax.vmap``. ``"fast"``:
+        per-layer rules from one backward pass, no per-example gradients in memory;
+        parameters without a rule (tied weights, ...) get exact per-example gradients,
+        with a warning (see `fast_stats_report`). ``"auto"``: ``"fast"`` without the
+        warning where any parameter has a rule, ``"vmap"`` otherwise.
       microbatch_size: process the batch in chunks of this many rows (with
         ``optax.microbatching``), bounding the per-example gradient memory to
         microbatch_size × params. Any batch size works; the last chunk is padded and
@@ -83,7 +89,7 @@ def per_example_stats(
             f"microbatch_size={microbatch_size!r} must be a positive int (rows per chunk) "
             "or None (whole batch at once)."
         )
-    sums_fn = functools.partial(vmap_sums, loss_fn, coordinates=coordinates)
+    sums_fn = functools.partial(_SUMS[backend], loss_fn, coordinates=coordinates)
 
     def inner_sums(params, direction, batch, mask):
         _, products = jax.jvp(lambda p: loss_fn(p, batch), (params,), (direction,))
