@@ -107,6 +107,7 @@ def per_example_stats(
         if direction is not None:
             _validation.check_direction(direction, params)
         mask = jnp.asarray(mask) != 0
+        params = _vary_like(params, (batch, mask))
         batch, mask, chunk = _pad_to_chunks(batch, mask, batch_size, microbatch_size)
 
         stats = _chunked(sums_fn, chunk, batch_argnums=(1, 2))(params, batch, mask)
@@ -121,6 +122,34 @@ def per_example_stats(
         return stats._replace(inner_sum=inner_sum, inner_sq_sum=inner_sq_sum)
 
     return stats_fn
+
+
+def _vary_like(params, batch):
+    """Mark params as varying over the device axes the batch varies over (in shard_map).
+
+    Inside ``shard_map`` the gradient with respect to a replicated (device-invariant)
+    input is summed over devices automatically. The statistics must be sums over this
+    device's examples only (a per-device ``psum`` of them is then exact), so params are
+    cast to vary like the batch before differentiating. Outside shard_map: a no-op.
+    """
+    batch_axes = set().union(*(_varying_axes(x) for x in jax.tree.leaves(batch)))
+    if not batch_axes:
+        return params
+
+    def vary(x):
+        missing = tuple(sorted(batch_axes - _varying_axes(x)))
+        return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+    return jax.tree.map(vary, params)
+
+
+def _varying_axes(x) -> set:
+    """The shard_map axes an array varies over (the attribute moved across JAX versions)."""
+    aval = jax.typeof(x)
+    manual_axes = getattr(aval, "mat", None)
+    if manual_axes is not None:
+        return set(manual_axes.varying)
+    return set(getattr(aval, "vma", ()))
 
 
 def _pad_to_chunks(batch, mask, batch_size: int, microbatch_size: int | None):
