@@ -18,7 +18,7 @@ def as_int(name: str, value: Any, *, minimum: int, hint: str = "") -> int:
     Integer types (Python, NumPy, JAX) are accepted as they are; floats only when they
     hold a whole number (``32.0``), since a fractional size is always a mistake.
     """
-    if isinstance(value, bool) or value is None:
+    if isinstance(value, (bool, str, bytes)) or value is None:
         raise TypeError(f"{name} must be an integer >= {minimum}, got {value!r}. {hint}".rstrip())
     shape = getattr(value, "shape", ())
     if shape != ():

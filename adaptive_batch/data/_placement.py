@@ -21,12 +21,17 @@ def batch_shards(sharding: Any) -> int:
     return devices // sharding.shard_shape((devices,))[0]
 
 
-def mask_sharding(sharding: Any) -> Any:
-    """The sharding for the (padded_size,) mask: the data's, on the batch axis only."""
+def leaf_sharding(sharding: Any, ndim: int) -> Any:
+    """``sharding`` for an array of rank ``ndim``.
+
+    A `NamedSharding` whose spec is longer than the rank (``P("data", None)`` and a
+    1-D label array or the mask) keeps its first ``ndim`` entries, so one sharding
+    serves every leaf; other shardings are used as they are.
+    """
     import jax
 
-    if isinstance(sharding, jax.sharding.NamedSharding) and len(sharding.spec) > 1:
-        spec = jax.sharding.PartitionSpec(sharding.spec[0])
+    if isinstance(sharding, jax.sharding.NamedSharding) and len(sharding.spec) > ndim:
+        spec = jax.sharding.PartitionSpec(*sharding.spec[:ndim])
         return jax.sharding.NamedSharding(sharding.mesh, spec)
     return sharding
 
@@ -43,4 +48,5 @@ def place(data: Any, mask: Any, sharding: Any) -> tuple[Any, Any]:
             "of the sharding's batch axis. Request padded sizes that are multiples of "
             f"{shards}: BatchSizeController(..., multiple_of={shards})."
         )
-    return jax.device_put(data, sharding), jax.device_put(mask, mask_sharding(sharding))
+    shardings = jax.tree.map(lambda x: leaf_sharding(sharding, x.ndim), data)
+    return jax.device_put(data, shardings), jax.device_put(mask, leaf_sharding(sharding, 1))

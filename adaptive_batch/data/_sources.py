@@ -62,7 +62,7 @@ def _unflatten(treedef, leaves):
 def leaf_names(treedef, prefix: str = "") -> list[str]:
     """Readable paths of the leaves (``["x"]``, ``[1]``), in `flatten` order."""
     if treedef is None:
-        return [prefix or "<root>"]
+        return [prefix]
     kind, keys, children = treedef
     labels = [repr(k) for k in keys] if issubclass(kind, dict) else [str(i) for i in range(keys)]
     return [
@@ -125,8 +125,8 @@ class ItemSource:
     def __init__(self, source: Any):
         self.source = source
         self.num_examples = len(source)
-        self.treedef = None  # fixed by the first example read
-        self._leaf_shapes = None
+        self.treedef = self._leaf_shapes = None  # fixed by the first example read
+        self._first_index: int | None = None
 
     def __len__(self) -> int:
         return self.num_examples
@@ -149,7 +149,7 @@ class ItemSource:
         columns = None
         for i, item in zip(index_list, items, strict=True):
             leaves, treedef = flatten(item)
-            if self.treedef is None:
+            if self._first_index is None:
                 self._check_first(i, leaves, treedef)
             if treedef != self.treedef:
                 raise ValueError(
@@ -194,10 +194,10 @@ class ItemSource:
         return unflatten(self.treedef, out)
 
     def _check_first(self, i, leaves, treedef):
-        self.treedef, self._first_index = treedef, i
-        self._leaf_shapes = [np.shape(leaf) for leaf in leaves]
         if not leaves:
             raise ValueError(f"source[{i}] has no leaves; an example needs at least one array.")
+        self.treedef, self._first_index = treedef, i
+        self._leaf_shapes = [np.shape(leaf) for leaf in leaves]
 
 
 def _describe(treedef) -> str:
