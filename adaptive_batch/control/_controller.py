@@ -273,8 +273,9 @@ class BatchSizeController:
         Call once per training step, after dispatching the step that produced
         ``suggested``. With ``lag = L`` the plan returned by the k-th call (k = 1, 2, ...)
         applies the suggestion given to call k − L; the first L calls keep the current
-        batch size. So with ``lag=0`` the plan for step t + 1 comes from step t's
-        suggestion, and with ``lag=1`` from step t − 1's.
+        batch size. So step t's suggestion sets the batch of step t + 1 + L: with
+        ``lag=0`` the plan for step t + 1 comes from step t's suggestion, with
+        ``lag=1`` from step t − 1's.
 
         The suggestion is converted to a Python int only when it is applied, L calls
         later. With ``lag=1`` a device scalar from the step just dispatched can be
