@@ -4,6 +4,7 @@ The batch size is set from measured gradient noise (CABS, adaptive sampling test
 AdAdaGrad), as Optax gradient transformations fed by per-example gradient statistics.
 """
 
+from adaptive_batch import data  # host-side; imports JAX only to place batches
 from adaptive_batch.control import BatchPlan, BatchSizeController
 from adaptive_batch.stats import GradStats, per_example_stats
 from adaptive_batch.transforms import (
@@ -34,6 +35,7 @@ __all__ = [
     "cabs",
     "cabs_rule",
     "coordinate_norm_test",
+    "data",
     "gradient_noise_scale",
     "inner_product_test",
     "norm_test",
