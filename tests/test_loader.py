@@ -2,6 +2,9 @@
 
 import gc
 import json
+import pathlib
+import subprocess
+import sys
 import threading
 
 import jax
@@ -403,3 +406,31 @@ def test_big_batches_span_several_epochs():
     ids = b.data["id"]
     assert sorted(ids[:4].tolist()) == sorted(ids[4:8].tolist()) == [0, 1, 2, 3]
     assert len(set(ids[8:].tolist())) == 2
+
+
+def test_grain_map_dataset_interoperates():
+    """Grain's own MapDataset (the protocol itself is tested above without Grain)."""
+    grain = pytest.importorskip("grain", reason="grain is not installed (optional)")
+    arrays = make_arrays(20)
+    dataset = grain.MapDataset.range(20).map(lambda i: {"id": arrays["id"][i], "x": arrays["x"][i]})
+    ours = Loader({"id": arrays["id"], "x": arrays["x"]}, seed=4)
+    theirs = Loader(dataset, seed=4)
+    assert_same_batches([theirs.next(s) for s in (3, 9, 15)], [ours.next(s) for s in (3, 9, 15)])
+
+
+def test_loader_needs_no_jax_without_sharding():
+    package = pathlib.Path(__file__).parents[1] / "adaptive_batch"
+    code = f"""
+import sys, types
+import numpy as np
+sys.modules["jax"] = None  # any import of JAX fails
+pkg = types.ModuleType("adaptive_batch")  # skip the top-level __init__ (it needs JAX)
+pkg.__path__ = [{str(package)!r}]
+sys.modules["adaptive_batch"] = pkg
+from adaptive_batch.data import Loader
+with Loader({{"x": np.arange(10)}}, prefetch=1) as loader:
+    print(loader.next(4).mask.sum())
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "4"
