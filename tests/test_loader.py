@@ -377,6 +377,14 @@ def test_bad_requests(request_, error, match):
         Loader(make_arrays(10)).next(request_)
 
 
+def test_item_batches_keep_the_first_examples_dtypes():
+    items = [np.int32(1), np.int32(2), np.int8(3), np.int8(4)]
+    loader = Loader(items, shuffle=False)
+    assert loader.next(2).data.dtype == loader.next(2).data.dtype == np.int32
+    with pytest.raises(TypeError, match="same dtype"):
+        Loader([np.int32(1), np.float32(2.5)], shuffle=False).next(2)
+
+
 def test_bad_plans_settings_and_call_order():
     class Plan:
         batch_size, padded_size = 9, 8

@@ -125,7 +125,9 @@ class ItemSource:
     def __init__(self, source: Any):
         self.source = source
         self.num_examples = len(source)
-        self.treedef = self._leaf_shapes = None  # fixed by the first example read
+        # Structure, shapes and dtypes of the first example read; every batch keeps them,
+        # so batch shapes and dtypes never change (which would recompile the step).
+        self.treedef = self._leaf_shapes = self._leaf_dtypes = None
         self._first_index: int | None = None
 
     def __len__(self) -> int:
@@ -163,7 +165,9 @@ class ItemSource:
                 column.append(leaf)
         out = []
         names = leaf_names(self.treedef)
-        for name, shape, column in zip(names, self._leaf_shapes, columns, strict=True):
+        for name, shape, dtype, column in zip(
+            names, self._leaf_shapes, self._leaf_dtypes, columns, strict=True
+        ):
             bad = next(
                 (
                     (i, np.shape(v))
@@ -179,13 +183,12 @@ class ItemSource:
                     "example's leaves must have the same shapes (pad or crop them in the "
                     "source, or give the loader a source that does)."
                 )
-            first = np.asarray(column[0])
-            batch = np.empty((padded_size, *first.shape), first.dtype)
+            batch = np.empty((padded_size, *shape), dtype)
             try:
                 np.stack(column, out=batch[: len(column)])
             except TypeError as error:
                 raise TypeError(
-                    f"cannot stack source{name} of the examples into dtype {first.dtype} (the "
+                    f"cannot stack source{name} of the examples into dtype {dtype} (the "
                     f"dtype of source[{self._first_index}]{name}): {error}. Give every "
                     "example the same dtype."
                 ) from error
@@ -198,6 +201,7 @@ class ItemSource:
             raise ValueError(f"source[{i}] has no leaves; an example needs at least one array.")
         self.treedef, self._first_index = treedef, i
         self._leaf_shapes = [np.shape(leaf) for leaf in leaves]
+        self._leaf_dtypes = [np.asarray(leaf).dtype for leaf in leaves]
 
 
 def _describe(treedef) -> str:
