@@ -29,6 +29,7 @@ computations", https://arxiv.org/abs/1510.01799.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from typing import Any
 
@@ -68,18 +69,46 @@ def build_plan(loss_fn, params: PyTree, batch: PyTree, *, coordinates: bool) -> 
 
 def fast_sums(loss_fn, params, batch, mask, *, coordinates: bool, warn: bool = True):
     """GradStats (without inner-product sums) of one chunk, by the layer rules."""
+    mesh = _explicit_mesh(batch)
+    if mesh is None:
+        return _fast_sums(loss_fn, params, batch, mask, coordinates=coordinates, warn=warn)
+    # The traced per-example jaxpr knows no mesh: re-binding its equations on arrays with
+    # sharding in their types fails, so the mesh axes are made automatic (GSPMD) here.
+    compute = jax.sharding.auto_axes(
+        functools.partial(_fast_sums, loss_fn, coordinates=coordinates, warn=warn),
+        axes=mesh.explicit_axes,
+        out_sharding=jax.sharding.PartitionSpec(),
+    )
+    with jax.sharding.use_abstract_mesh(mesh):
+        return compute(params, batch, mask)
+
+
+def _explicit_mesh(batch):
+    for leaf in jax.tree.leaves(batch):
+        sharding = getattr(jax.typeof(leaf), "sharding", None)
+        mesh = getattr(sharding, "mesh", None)
+        if mesh is not None and getattr(mesh, "explicit_axes", ()):
+            return mesh
+    return None
+
+
+def _fast_sums(loss_fn, params, batch, mask, *, coordinates: bool, warn: bool):
     plan = build_plan(loss_fn, params, batch, coordinates=coordinates)
     leaves, treedef = jax.tree.flatten(params)
     if warn and plan.fallback:
         _warn_fallback(loss_fn, plan, params)
-    batch_size = mask.shape[0]
+    mask.shape[0]
     paths = list(plan.sites)
     fallback = sorted(plan.fallback)
+    reference = jax.tree.leaves(batch)[0]
     zeros = [
-        jnp.zeros((batch_size, *aval.shape), aval.dtype)
+        _batch_zeros(reference, aval.shape, aval.dtype)
         for aval in (plan.sites[p].eqn.outvars[0].aval for p in paths)
     ]
-    copies = [jnp.broadcast_to(leaves[i], (batch_size, *jnp.shape(leaves[i]))) for i in fallback]
+    copies = [
+        leaves[i] + _batch_zeros(reference, jnp.shape(leaves[i]), jnp.result_type(leaves[i]))
+        for i in fallback
+    ]
 
     def example(perturbations, leaf_copies, example_leaves):
         args = list(leaves)
@@ -165,6 +194,12 @@ def fast_stats_report(loss_fn, params: PyTree, batch: PyTree, *, coordinates: bo
     rules.update({i: "unused" for i in plan.unused})
     paths = [jax.tree_util.keystr(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     return {path: rules[i] for i, path in enumerate(paths)}
+
+
+def _batch_zeros(reference, shape, dtype):
+    """Zeros of shape (B, *shape), laid out over devices like the batch's leading axis."""
+    rows = jnp.zeros_like(reference.reshape(reference.shape[0], -1)[:, 0], dtype)
+    return jnp.broadcast_to(rows.reshape(rows.shape + (1,) * len(shape)), rows.shape + shape)
 
 
 def _mask_rows(x, mask):

@@ -172,7 +172,9 @@ def evaluate(plan: Plan, args: Sequence[Any], perturbations: dict[Path, Any]):
         for k, eqn in enumerate(jaxpr.eqns):
             path = (*prefix, k)
             invals = [read(a) for a in eqn.invars]
-            if path in plan.inline:
+            if eqn.primitive.name in INLINE_PRIMITIVES:
+                # Always inlined here: re-binding a call traced without the caller's mesh
+                # fails under vmap over a batch with explicit sharding.
                 body, body_consts = sub_jaxpr(eqn)
                 outs = run(body, body_consts, invals, path)
             else:

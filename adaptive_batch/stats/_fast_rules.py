@@ -239,7 +239,8 @@ def _products(site: Site, records, delta, coordinates):
 def _chunked_sums(per_example_grads, inputs, budget: int, coordinates: bool):
     """Σ g, Σ‖g‖², [Σ g⊙g] of per-example grads, ≤ budget elements of them at a time."""
     batch = jax.tree.leaves(inputs)[0].shape[0]
-    g_shape = jax.eval_shape(per_example_grads, *jax.tree.map(lambda x: x[:1], inputs))
+    one_row = jax.tree.map(lambda x: jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype), inputs)
+    g_shape = jax.eval_shape(per_example_grads, *one_row)
     per_row = math.prod(g_shape.shape[1:])
     fits = [c for c in range(2, batch + 1) if batch % c == 0 and c * per_row <= budget]
     chunk = max(fits, default=1)

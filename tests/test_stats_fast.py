@@ -1,0 +1,320 @@
+"""The "fast" statistics backend against the exact vmap backend and brute force.
+
+Every model here is checked field by field (count, loss_sum, grad_sum, sq_norm_sum,
+sq_sum) against ``backend="vmap"`` — itself tested against brute-force per-example
+gradients in test_stats.py — within 1e-5 relative to the field's scale. One MLP is also
+checked against a float64 loop over examples written here.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen, nnx
+from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec
+
+import adaptive_batch.stats._fast as fast_module
+from adaptive_batch.stats import fast_stats_report, per_example_stats
+
+RTOL = 1e-5
+
+
+def assert_stats_close(expected, actual, rtol=RTOL):
+    assert jax.tree.structure(expected) == jax.tree.structure(actual)
+    for name in ("count", "loss_sum", "grad_sum", "sq_norm_sum", "sq_sum"):
+        want, got = getattr(expected, name), getattr(actual, name)
+        if want is None:
+            assert got is None, name
+            continue
+        want_leaves, got_leaves = jax.tree.leaves(want), jax.tree.leaves(got)
+        # Relative to the field's scale: some coordinates are 0 up to round-off (the
+        # attention key bias has an exactly zero gradient), so leaf-wise relative error
+        # would compare noise with noise.
+        scale = max(float(jnp.max(jnp.abs(w))) for w in want_leaves)
+        for w, g in zip(want_leaves, got_leaves, strict=True):
+            assert w.shape == g.shape and w.dtype == g.dtype, name
+            assert np.all(np.isfinite(g)), name
+            np.testing.assert_allclose(g, w, rtol=0, atol=rtol * scale + 1e-30, err_msg=name)
+
+
+def both_backends(loss_fn, params, batch, mask=None, **kwargs):
+    vmap = per_example_stats(loss_fn, backend="vmap", **kwargs)(params, batch, mask)
+    fast = per_example_stats(loss_fn, backend="fast", **kwargs)(params, batch, mask)
+    return vmap, fast
+
+
+def keys(n):
+    return jax.random.split(jax.random.key(42), n)
+
+
+# ------------------------------------------------------------------------------ models
+
+
+def mlp_params(sizes=(6, 16, 16, 3)):
+    ks = keys(len(sizes))
+    return [
+        {"w": jax.random.normal(k, (m, n)) / np.sqrt(m), "b": 0.1 * jnp.ones(n)}
+        for k, m, n in zip(ks, sizes[:-1], sizes[1:], strict=False)
+    ]
+
+
+def mlp_loss(params, batch):
+    h = batch["x"]
+    for layer in params[:-1]:
+        h = jnp.tanh(h @ layer["w"] + layer["b"])
+    logits = h @ params[-1]["w"] + params[-1]["b"]
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits), batch["y"][:, None], 1)[:, 0]
+
+
+def mlp_batch(n=12, width=6):
+    k1, k2 = keys(2)
+    return {"x": jax.random.normal(k1, (n, width)), "y": jax.random.randint(k2, (n,), 0, 3)}
+
+
+def cnn2d_loss(params, batch):
+    """Plain-JAX 2-D CNN: stride, asymmetric padding, dilation, feature groups (NHWC)."""
+    dn = ("NHWC", "HWIO", "NHWC")
+    h = lax.conv_general_dilated(
+        batch["x"],
+        params["c1"],
+        (2, 1),
+        ((1, 2), (0, 1)),
+        rhs_dilation=(1, 2),
+        dimension_numbers=dn,
+    )
+    h = jax.nn.relu(h + params["b1"])
+    h = lax.conv_general_dilated(
+        h, params["c2"], (1, 1), "SAME", feature_group_count=2, dimension_numbers=dn
+    )
+    h = jnp.tanh(h).mean(axis=(1, 2))
+    return jnp.sum((h @ params["w"] - batch["y"]) ** 2, axis=-1)
+
+
+def cnn2d_setup(n=8):
+    ks = keys(6)
+    params = {
+        "c1": jax.random.normal(ks[0], (3, 3, 2, 4)) * 0.3,
+        "b1": 0.1 * jnp.ones(4),
+        "c2": jax.random.normal(ks[1], (3, 3, 2, 6)) * 0.3,
+        "w": jax.random.normal(ks[2], (6, 2)),
+    }
+    batch = {"x": jax.random.normal(ks[3], (n, 7, 6, 2)), "y": jax.random.normal(ks[4], (n, 2))}
+    return params, batch
+
+
+class Conv1dNet(nnx.Module):
+    def __init__(self, rngs):
+        self.c1 = nnx.Conv(3, 4, kernel_size=(3,), strides=2, padding=((2, 1),), rngs=rngs)
+        self.c2 = nnx.Conv(
+            4, 6, kernel_size=(3,), kernel_dilation=2, feature_group_count=2, rngs=rngs
+        )
+        self.out = nnx.Linear(6, 2, rngs=rngs)
+
+    def __call__(self, x):
+        return self.out(jax.nn.gelu(self.c2(jax.nn.relu(self.c1(x)))).mean(axis=1))
+
+
+class TransformerBlock(nnx.Module):
+    """Embedding, pre-LayerNorm self-attention and MLP, then a mean-pooled classifier."""
+
+    def __init__(self, vocab, width, rngs):
+        self.embed = nnx.Embed(vocab, width, rngs=rngs)
+        self.ln1 = nnx.LayerNorm(width, rngs=rngs)
+        self.attention = nnx.MultiHeadAttention(
+            num_heads=2, in_features=width, decode=False, rngs=rngs
+        )
+        self.ln2 = nnx.LayerNorm(width, rngs=rngs)
+        self.up = nnx.Linear(width, 2 * width, rngs=rngs)
+        self.down = nnx.Linear(2 * width, width, rngs=rngs)
+        self.head = nnx.Linear(width, 3, rngs=rngs)
+
+    def __call__(self, ids):
+        h = self.embed(ids)
+        h = h + self.attention(self.ln1(h))
+        h = h + self.down(jax.nn.gelu(self.up(self.ln2(h))))
+        return self.head(h.mean(axis=1))
+
+
+def nnx_loss(model):
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss_fn(params, batch):
+        logits = nnx.merge(graphdef, params, rest)(batch["x"])
+        return optax_xent(logits, batch["y"])
+
+    return loss_fn, params
+
+
+def optax_xent(logits, labels):
+    return jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, labels[:, None], 1)[:, 0]
+
+
+class LinenCNN(linen.Module):
+    @linen.compact
+    def __call__(self, x):
+        x = linen.Conv(4, (3, 3), strides=(2, 2), kernel_dilation=(1, 1))(x)
+        x = linen.LayerNorm()(jax.nn.relu(x))
+        x = linen.Conv(4, (2, 2), feature_group_count=2, padding="VALID")(x)
+        return linen.Dense(3)(x.reshape(x.shape[0], -1))
+
+
+def tied_loss(params, batch):
+    """Tied input/output embedding: E is used by the lookup and by the output layer."""
+    h = params["embed"][batch["x"]]  # (B, T, D)
+    h = jnp.tanh(h @ params["w"]).mean(axis=1)
+    logits = h @ params["embed"].T
+    return optax_xent(logits, batch["y"])
+
+
+def tied_setup(n=8):
+    ks = keys(4)
+    # T = 3 positions of width 8 share w: the Gram form (3·(8+8) < 8·8) is the cheaper.
+    params = {"embed": jax.random.normal(ks[0], (11, 8)), "w": jax.random.normal(ks[1], (8, 8))}
+    batch = {
+        "x": jax.random.randint(ks[2], (n, 3), 0, 11),
+        "y": jax.random.randint(ks[3], (n,), 0, 11),
+    }
+    return params, batch
+
+
+# ------------------------------------------------------------------------------ tests
+
+
+def test_mlp_matches_float64_brute_force():
+    params, batch = mlp_params(), mlp_batch()
+    mask = jnp.array([1, 1, 0, 1, 1, 1, 0, 1, 1, 1, 1, 0])
+    fast = per_example_stats(mlp_loss, backend="fast", coordinates=True)(params, batch, mask)
+    with jax.enable_x64(True):
+        p64 = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
+        grads = [
+            jax.grad(lambda p, i=i: mlp_loss(p, jax.tree.map(lambda x: x[i : i + 1], batch))[0])(
+                p64
+            )
+            for i in np.flatnonzero(np.asarray(mask))
+        ]
+        flat = np.stack(
+            [np.concatenate([np.ravel(g) for g in jax.tree.leaves(gi)]) for gi in grads]
+        )
+    np.testing.assert_allclose(float(fast.sq_norm_sum), np.sum(flat**2), rtol=RTOL)
+    got_sum = np.concatenate([np.ravel(g) for g in jax.tree.leaves(fast.grad_sum)])
+    np.testing.assert_allclose(got_sum, flat.sum(0), atol=RTOL * np.abs(flat.sum(0)).max())
+    got_sq = np.concatenate([np.ravel(g) for g in jax.tree.leaves(fast.sq_sum)])
+    np.testing.assert_allclose(got_sq, (flat**2).sum(0), atol=RTOL * (flat**2).sum(0).max())
+    assert float(fast.count) == 9
+
+
+def test_mlp_masked_nan_padding_and_report():
+    params, batch = mlp_params(), mlp_batch()
+    mask = jnp.ones(12).at[jnp.array([3, 7])].set(0)
+    batch = {"x": batch["x"].at[3].set(jnp.nan).at[7].set(jnp.inf), "y": batch["y"]}
+    assert_stats_close(*both_backends(mlp_loss, params, batch, mask, coordinates=True))
+    report = fast_stats_report(mlp_loss, params, batch)
+    assert report == {
+        f"[{i}]['{k}']": r for i in range(3) for k, r in (("b", "elementwise"), ("w", "dense"))
+    }
+
+
+def test_cnn2d_stride_padding_dilation_groups():
+    params, batch = cnn2d_setup()
+    mask = jnp.array([1, 0, 1, 1, 1, 1, 0, 1])
+    assert_stats_close(*both_backends(cnn2d_loss, params, batch, mask, coordinates=True))
+    report = fast_stats_report(cnn2d_loss, params, batch)
+    assert report["['c1']"] == report["['c2']"] == "conv-products"
+
+
+def test_nnx_conv1d_norms_only():
+    loss_fn, params = nnx_loss(Conv1dNet(nnx.Rngs(0)))
+    ks = keys(2)
+    batch = {"x": jax.random.normal(ks[0], (6, 11, 3)), "y": jax.random.randint(ks[1], (6,), 0, 2)}
+    vmap, fast = both_backends(loss_fn, params, batch)
+    assert fast.sq_sum is None
+    assert_stats_close(vmap, fast)
+
+
+def test_nnx_transformer_block_with_microbatches():
+    loss_fn, params = nnx_loss(TransformerBlock(vocab=13, width=8, rngs=nnx.Rngs(1)))
+    ks = keys(2)
+    batch = {
+        "x": jax.random.randint(ks[0], (10, 5), 0, 13),
+        "y": jax.random.randint(ks[1], (10,), 0, 3),
+    }
+    mask = jnp.ones(10).at[4].set(0)
+    kwargs = {"coordinates": True, "microbatch_size": 4}
+    assert_stats_close(*both_backends(loss_fn, params, batch, mask, **kwargs))
+    report = fast_stats_report(loss_fn, params, batch)
+    assert not [path for path, rule in report.items() if rule.startswith("fallback")]
+    assert report["['embed']['embedding'].value"] == "embedding"
+    assert report["['ln1']['scale'].value"] == "elementwise"
+    assert report["['attention']['query']['kernel'].value"].startswith("dense-")
+
+
+def test_linen_cnn_under_outer_jit_no_recompile():
+    model = LinenCNN()
+    x = jax.random.normal(keys(1)[0], (6, 8, 8, 2))
+    params = model.init(jax.random.key(0), x)["params"]
+    traces = []
+
+    def loss_fn(p, batch):
+        traces.append(1)
+        return jnp.sum(model.apply({"params": p}, batch) ** 2, axis=-1)
+
+    stats_fn = per_example_stats(loss_fn, backend="fast", coordinates=True)
+    step = jax.jit(lambda p, b, m: stats_fn(p, b, m))
+    mask = jnp.ones(6).at[0].set(0)
+    fast = step(params, x, mask)
+    n_traces = len(traces)
+    fast2 = step(params, x + 1.0, mask)
+    assert len(traces) == n_traces, "second call with the same shapes re-traced"
+    assert not np.allclose(fast.sq_norm_sum, fast2.sq_norm_sum)
+    vmap = per_example_stats(loss_fn, backend="vmap", coordinates=True)(params, x, mask)
+    assert_stats_close(vmap, fast)
+
+
+def test_tied_embeddings_fall_back_with_warning_and_report():
+    params, batch = tied_setup()
+    mask = jnp.array([1, 1, 1, 0, 1, 1, 0, 1])
+    fast_module._WARNED.clear()
+    with pytest.warns(UserWarning, match=r"params\['embed'\]: used 2 times"):
+        fast = per_example_stats(tied_loss, backend="fast", coordinates=True)(params, batch, mask)
+    vmap = per_example_stats(tied_loss, backend="vmap", coordinates=True)(params, batch, mask)
+    assert_stats_close(vmap, fast)
+    report = fast_stats_report(tied_loss, params, batch)  # norms only: Gram allowed
+    assert report["['embed']"].startswith("fallback: used 2 times")
+    assert report["['w']"] == "dense-gram"
+
+
+def test_auto_backend_silent_and_equal():
+    params, batch = tied_setup()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        auto = per_example_stats(tied_loss, backend="auto")(params, batch)
+    assert_stats_close(per_example_stats(tied_loss, backend="vmap")(params, batch), auto)
+
+
+def test_batch_sharded_over_devices():
+    devices = jax.devices()
+    if len(devices) < 2:
+        pytest.fail("conftest sets 8 CPU devices; got one")
+    mesh = jax.make_mesh((len(devices),), ("data",))
+    params, batch = mlp_params(), mlp_batch(n=2 * len(devices))
+    sharded = jax.device_put(batch, NamedSharding(mesh, PartitionSpec("data")))
+    fast = per_example_stats(mlp_loss, backend="fast", coordinates=True)(params, sharded)
+    vmap = per_example_stats(mlp_loss, backend="vmap", coordinates=True)(params, batch)
+    assert_stats_close(vmap, fast)
+
+
+def test_unused_parameter_gives_zeros():
+    params = {"w": jnp.ones((3, 2)), "unused": jnp.ones(4)}
+    batch = jax.random.normal(keys(1)[0], (5, 3))
+
+    def loss_fn(p, x):
+        return jnp.sum((x @ p["w"]) ** 2, axis=-1)
+
+    vmap, fast = both_backends(loss_fn, params, batch, coordinates=True)
+    assert_stats_close(vmap, fast)
+    assert fast_stats_report(loss_fn, params, batch)["['unused']"] == "unused"
