@@ -6,6 +6,12 @@ AdAdaGrad), as Optax gradient transformations fed by per-example gradient statis
 
 from adaptive_batch import data  # host-side; imports JAX only to place batches
 from adaptive_batch.control import BatchPlan, BatchSizeController
+from adaptive_batch.curvature import (
+    hutchinson_trace,
+    scale_by_curvature,
+    spectral_density,
+    top_eigenvalue,
+)
 from adaptive_batch.stats import GradStats, per_example_stats
 from adaptive_batch.transforms import (
     adadagrad,
@@ -35,12 +41,17 @@ __all__ = [
     "cabs",
     "cabs_rule",
     "coordinate_norm_test",
+    "curvature",
     "data",
     "gradient_noise_scale",
+    "hutchinson_trace",
     "inner_product_test",
     "norm_test",
     "per_example_stats",
     "scale_by_adagrad_norm",
     "scale_by_batch_size",
+    "scale_by_curvature",
+    "spectral_density",
     "suggested_batch_size",
+    "top_eigenvalue",
 ]
