@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -175,7 +177,9 @@ def test_every_field_matches_brute_force(name, microbatch_size):
     stats_fn = ab.per_example_stats(
         loss_fn, coordinates=True, inner=True, microbatch_size=microbatch_size
     )
-    assert_fields_close(as_flat_dict(stats_fn(params, batch)), brute_force_stats(loss_fn, params, batch))
+    assert_fields_close(
+        as_flat_dict(stats_fn(params, batch)), brute_force_stats(loss_fn, params, batch)
+    )
 
 
 @pytest.mark.parametrize("name", ["mlp", "embedding"])
@@ -203,7 +207,9 @@ def chex_tree_shapes_equal(a, b):
 def test_flax_nnx_model_through_split_and_merge():
     from flax import nnx
 
-    model = nnx.Sequential(nnx.Linear(6, 8, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(8, 3, rngs=nnx.Rngs(1)))
+    model = nnx.Sequential(
+        nnx.Linear(6, 8, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(8, 3, rngs=nnx.Rngs(1))
+    )
     graphdef, params = nnx.split(model, nnx.Param)
 
     def loss_fn(params, batch):
@@ -228,33 +234,37 @@ def test_bfloat16_params_accumulate_in_float32():
 
 # --------------------------------------------------------------------------- masks, aggregation
 
-N_ROWS = 10
+N_ROWS, N_REAL = 10, 6
+
+
+@functools.cache
+def cached_stats_fn(name, **kwargs):
+    """One jit-compiled stats function per configuration, shared by hypothesis examples."""
+    return ab.per_example_stats(MODELS[name][1], **kwargs)
 
 
 @settings(max_examples=25, deadline=None)
-@given(real=st.lists(st.booleans(), min_size=N_ROWS, max_size=N_ROWS))
-def test_padding_rows_change_nothing(real):
-    """Rows with mask 0, even full of NaN, leave every number as on the unpadded batch."""
-    loss_fn, params, batch = make_problem("mlp", n=N_ROWS)
-    real = np.array(real)
+@given(order=st.permutations(range(N_ROWS)))
+def test_padding_rows_change_nothing(order):
+    """Padding rows (mask 0) anywhere in the batch, even full of NaN, change no number."""
+    _, params, batch = make_problem("mlp", n=N_ROWS)
+    real_rows = np.sort(np.array(order[:N_REAL]))
+    real = np.isin(np.arange(N_ROWS), real_rows)
     poisoned = {"x": jnp.where(real[:, None], batch["x"], jnp.nan), "y": batch["y"]}
-    stats_fn = ab.per_example_stats(loss_fn, coordinates=True, inner=True, microbatch_size=4)
+    unpadded = jax.tree.map(lambda x: x[real_rows], batch)
+    stats_fn = cached_stats_fn("mlp", coordinates=True, inner=True, microbatch_size=4)
     padded = as_flat_dict(stats_fn(params, poisoned, mask=real))
     assert all(np.all(np.isfinite(v)) for v in padded.values())
-    if real.any():
-        unpadded = jax.tree.map(lambda x: x[real], batch)
-        assert_fields_close(padded, as_flat_dict(stats_fn(params, unpadded)), rtol=2e-6)
-    else:
-        assert padded["count"] == 0 and padded["sq_norm_sum"] == 0
+    assert_fields_close(padded, as_flat_dict(stats_fn(params, unpadded)), rtol=2e-6)
 
 
 @settings(max_examples=25, deadline=None)
 @given(part=st.lists(st.integers(0, 2), min_size=N_ROWS, max_size=N_ROWS))
 def test_stats_of_a_batch_are_the_sum_over_any_split(part):
     """Statistics over a split into three parts add up to the whole (common direction d)."""
-    loss_fn, params, batch = make_problem("cnn", n=N_ROWS)
+    _, params, batch = make_problem("cnn", n=N_ROWS)
     direction = jax.tree.map(lambda x: jnp.full_like(x, 0.3), params)
-    stats_fn = ab.per_example_stats(loss_fn, coordinates=True, inner=True)
+    stats_fn = cached_stats_fn("cnn", coordinates=True, inner=True)
     part = np.array(part)
     pieces = [stats_fn(params, batch, mask=part == k, direction=direction) for k in range(3)]
     whole = stats_fn(params, batch, direction=direction)
@@ -265,7 +275,9 @@ def test_sum_of_sliced_parts_equals_whole_and_psum_over_devices():
     loss_fn, params, batch = make_problem("mlp", n=16)
     stats_fn = ab.per_example_stats(loss_fn, coordinates=True)
     whole = as_flat_dict(stats_fn(params, batch))
-    parts = [jax.tree.map(lambda x, s=s: x[s], batch) for s in (slice(0, 3), slice(3, 11), slice(11, 16))]
+    parts = [
+        jax.tree.map(lambda x, s=s: x[s], batch) for s in (slice(0, 3), slice(3, 11), slice(11, 16))
+    ]
     assert_fields_close(as_flat_dict(sum(stats_fn(params, p) for p in parts)), whole, rtol=2e-6)
 
     devices = jax.devices()[:8]
@@ -292,7 +304,9 @@ def test_adding_mismatched_stats_is_an_error():
 @pytest.mark.parametrize("microbatch_size", [1, 3, 4, 7, 50])
 def test_any_batch_size_with_any_microbatch_size(microbatch_size):
     loss_fn, params, batch = make_problem("embedding", n=7)
-    expected = as_flat_dict(ab.per_example_stats(loss_fn, coordinates=True, inner=True)(params, batch))
+    expected = as_flat_dict(
+        ab.per_example_stats(loss_fn, coordinates=True, inner=True)(params, batch)
+    )
     chunked = ab.per_example_stats(
         loss_fn, coordinates=True, inner=True, microbatch_size=microbatch_size
     )
@@ -342,8 +356,10 @@ def test_variance_helpers_match_numpy_definitions():
     with jax.enable_x64(True):
         params64 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), params)
         batch64 = {"x": jnp.asarray(batch["x"], jnp.float64), "y": batch["y"]}
-        grads = jax.vmap(jax.grad(lambda p, ex: loss_fn(p, jax.tree.map(lambda x: x[None], ex))[0]),
-                         in_axes=(None, 0))(params64, batch64)
+        grads = jax.vmap(
+            jax.grad(lambda p, ex: loss_fn(p, jax.tree.map(lambda x: x[None], ex))[0]),
+            in_axes=(None, 0),
+        )(params64, batch64)
         g = np.concatenate([np.asarray(x).reshape(11, -1) for x in jax.tree.leaves(grads)], axis=1)
     b, mean = g.shape[0], g.mean(0)
     p = g @ mean
