@@ -318,3 +318,13 @@ def test_unused_parameter_gives_zeros():
     vmap, fast = both_backends(loss_fn, params, batch, coordinates=True)
     assert_stats_close(vmap, fast)
     assert fast_stats_report(loss_fn, params, batch)["['unused']"] == "unused"
+
+
+def test_all_padding_batch_is_zero_even_with_nan():
+    params, batch = mlp_params(), mlp_batch(n=4)
+    batch = {"x": batch["x"].at[1].set(jnp.nan), "y": batch["y"]}
+    stats = per_example_stats(mlp_loss, backend="fast", coordinates=True)(
+        params, batch, jnp.zeros(4)
+    )
+    for leaf in jax.tree.leaves(stats):
+        np.testing.assert_array_equal(leaf, np.zeros_like(leaf))

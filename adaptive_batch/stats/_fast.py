@@ -97,7 +97,11 @@ def _fast_sums(loss_fn, params, batch, mask, *, coordinates: bool, warn: bool):
     leaves, treedef = jax.tree.flatten(params)
     if warn and plan.fallback:
         _warn_fallback(loss_fn, plan, params)
-    mask.shape[0]
+    # Padding rows become copies of a real row: every value in them is then finite and
+    # their zero weight in the summed loss makes their δ and gradients exactly 0, so no
+    # recorded input or signal needs masking (which would cost a copy of each).
+    first_real = jnp.argmax(mask)
+    batch = jax.tree.map(lambda x: jnp.where(_row_mask(mask, x), x, x[first_real]), batch)
     paths = list(plan.sites)
     fallback = sorted(plan.fallback)
     reference = jax.tree.leaves(batch)[0]
@@ -129,28 +133,34 @@ def _fast_sums(loss_fn, params, batch, mask, *, coordinates: bool, warn: bool):
     grad_sum, sq_sum, sq_norm = [None] * len(leaves), [None] * len(leaves), []
     for path, site_records, delta in zip(paths, records, deltas, strict=True):
         site = plan.sites[path]
-        site_records = [_mask_rows(r, mask) for r in site_records]
+        site_records = [_widen(r) for r in site_records]
         g, q, s = site_stats(
             site,
             site_records,
-            masked(delta, mask),
+            _widen(delta),
             leaf_aval=jax.typeof(leaves[site.view.leaf]),
             coordinates=coordinates,
         )
         grad_sum[site.view.leaf], sq_sum[site.view.leaf] = g, s
         sq_norm.append(q)
     for i, g in zip(fallback, copy_grads, strict=True):
-        g = masked(g, mask)
+        g = _widen(g)
         grad_sum[i], sq_sum[i] = jnp.sum(g, 0), jnp.sum(jnp.square(g), 0)
         sq_norm.append(jnp.sum(jnp.square(g)))
     for i in plan.unused:
         grad_sum[i] = sq_sum[i] = jnp.zeros(jnp.shape(leaves[i]), _acc(leaves[i]))
+    count = jnp.sum(mask, dtype=jnp.float32)
+
+    def guarded(tree):
+        # All padding: the stand-in rows were padding too and may hold NaN.
+        return jax.tree.map(lambda x: jnp.where(count > 0, x, jnp.zeros_like(x)), tree)
+
     return GradStats(
-        count=jnp.sum(mask, dtype=jnp.float32),
+        count=count,
         loss_sum=jnp.sum(masked(losses, mask)),
-        grad_sum=jax.tree.unflatten(treedef, grad_sum),
-        sq_norm_sum=sum(sq_norm) if sq_norm else jnp.zeros((), jnp.float32),
-        sq_sum=jax.tree.unflatten(treedef, sq_sum) if coordinates else None,
+        grad_sum=guarded(jax.tree.unflatten(treedef, grad_sum)),
+        sq_norm_sum=guarded(sum(sq_norm) if sq_norm else jnp.zeros((), jnp.float32)),
+        sq_sum=guarded(jax.tree.unflatten(treedef, sq_sum)) if coordinates else None,
     )
 
 
@@ -202,10 +212,13 @@ def _batch_zeros(reference, shape, dtype):
     return jnp.broadcast_to(rows.reshape(rows.shape + (1,) * len(shape)), rows.shape + shape)
 
 
-def _mask_rows(x, mask):
-    if jnp.issubdtype(x.dtype, jnp.floating):
-        return masked(x, mask)
-    return jnp.where(mask.reshape(mask.shape + (1,) * (x.ndim - 1)), x, jnp.zeros((), x.dtype))
+def _row_mask(mask, x):
+    return mask.reshape(mask.shape + (1,) * (jnp.ndim(x) - 1))
+
+
+def _widen(x):
+    """Floating values in the accumulation dtype (at least float32); others unchanged."""
+    return x.astype(_acc(x)) if jnp.issubdtype(x.dtype, jnp.floating) else x
 
 
 def _acc(x):
