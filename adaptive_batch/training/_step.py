@@ -1,0 +1,315 @@
+"""Train steps: one jitted function per model style, compiled once per batch shape.
+
+A step computes the `GradStats` of a padded batch (exactly accumulated over its
+micro-batches, see `batch_stats`), feeds the mean gradient and the statistics to the
+Optax transform (``tx.update(ḡ, opt_state, params, grad_stats=stats)``), applies the
+updates and returns device-scalar metrics (mean loss, count, the suggested batch
+size). Its compiled shape is ``(padded_size, num_microbatches)``: a run visits one
+shape per bucket of the `BatchSizeController`, so it compiles at most once per bucket.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+
+from adaptive_batch.stats import GradStats, per_example_stats
+from adaptive_batch.training._accumulate import batch_stats
+from adaptive_batch.training._metrics import step_metrics
+
+PyTree = Any
+LossFn = Callable[[PyTree, PyTree], jax.Array]
+
+#: (coordinates, inner) settings of `per_example_stats`, cheapest first.
+_STATS_OPTIONS = ((False, False), (True, False), (False, True), (True, True))
+
+
+def _abstract(tree: PyTree) -> PyTree:
+    """Shapes and dtypes (and, of device arrays, shardings and weak types: lowering
+    with them gives the same executable, and cache entry, as calling with the arrays)."""
+
+    def leaf(x):
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return x
+        if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+            return jax.ShapeDtypeStruct(
+                x.shape, x.dtype, sharding=x.sharding, weak_type=x.weak_type
+            )
+        return jax.ShapeDtypeStruct(np.shape(x), jax.numpy.result_type(x))
+
+    return jax.tree.map(leaf, tree)
+
+
+def needed_stats(tx, params, opt_state, coordinates=None, inner=None) -> tuple[bool, bool]:
+    """The cheapest (coordinates, inner) statistics ``tx`` accepts, found by abstract
+    evaluation of ``tx.update`` (no FLOPs): a transform that needs a sum it is not given
+    raises a TypeError (the package's ``grad_stats`` contract). Explicit settings win.
+    """
+    params, opt_state = _abstract(params), _abstract(opt_state)
+    scalar = jax.ShapeDtypeStruct((), np.float32)
+    first_error = None
+    for want_coordinates, want_inner in _STATS_OPTIONS:
+        if coordinates is not None and want_coordinates != coordinates:
+            continue
+        if inner is not None and want_inner != inner:
+            continue
+        stats = GradStats(
+            count=scalar,
+            loss_sum=scalar,
+            grad_sum=params,
+            sq_norm_sum=scalar,
+            sq_sum=params if want_coordinates else None,
+            inner_sum=scalar if want_inner else None,
+            inner_sq_sum=scalar if want_inner else None,
+        )
+        try:
+            jax.eval_shape(
+                lambda p, s, g: tx.update(g.grad_sum, s, p, grad_stats=g), params, opt_state, stats
+            )
+        except TypeError as error:
+            first_error = first_error or error
+            continue
+        return want_coordinates, want_inner
+    raise first_error
+
+
+class TrainStep:
+    """A jitted train step over a padded batch; the base of the model-style adapters.
+
+    Subclasses define ``_update(carry, data, mask, num_microbatches) -> (carry,
+    metrics)``, a pure function of pytrees, and how the user's objects map to the
+    ``carry`` (`to_carry`, `from_carry`). `fit` drives any of them the same way.
+
+    Attributes:
+      name: the jitted function's name; JAX reports its compiles as ``jit(name)``
+        (see `CompileCounter`).
+    """
+
+    name = "train_step"
+
+    def __init__(
+        self, loss_fn: LossFn, *, coordinates, inner, backend, stats_microbatch_size, donate
+    ):
+        if not callable(loss_fn):
+            raise TypeError(
+                f"loss_fn must be a function loss_fn(params, batch) -> per-example losses of "
+                f"shape (B,), got {loss_fn!r}."
+            )
+        self.loss_fn = loss_fn
+        self._coordinates, self._inner = coordinates, inner
+        self._options: tuple[bool, bool] | None = None
+        self._stats_kwargs = {"backend": backend, "microbatch_size": stats_microbatch_size}
+        # Validate the statistics options now rather than at the first step.
+        per_example_stats(loss_fn, **self._stats_kwargs)
+
+        def update(carry, data, mask, num_microbatches):
+            return self._update(carry, data, mask, num_microbatches)
+
+        update.__name__ = update.__qualname__ = self.name
+        self._jitted = jax.jit(
+            update, static_argnames=("num_microbatches",), donate_argnums=(0,) if donate else ()
+        )
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._ahead: dict[tuple[int, int], concurrent.futures.Future] = {}
+
+    # ------------------------------------------------------------------ statistics
+
+    @functools.cache  # noqa: B019 - one per (step, options); steps live as long as a run
+    def _stats_fn(self, coordinates: bool, inner: bool):
+        return per_example_stats(
+            self.loss_fn, coordinates=coordinates, inner=inner, **self._stats_kwargs
+        )
+
+    def stats(self, tx, params, opt_state, data, mask, num_microbatches, loss_fn=None) -> GradStats:
+        """The batch's `GradStats`, with the sums ``tx`` needs (traced, inside the step)."""
+        if self._options is None:
+            # Plain arrays, as tx.update sees them (Flax NNX wraps them in Variables).
+            pure = nnx.as_pure((params, opt_state))
+            self._options = needed_stats(tx, *pure, self._coordinates, self._inner)
+        coordinates, inner = self._options
+        if loss_fn is None:
+            stats_fn = self._stats_fn(coordinates, inner and num_microbatches == 1)
+            loss_fn = self.loss_fn
+        else:  # a loss bound to this trace (Flax NNX): build its statistics function here
+            stats_fn = per_example_stats(
+                loss_fn, coordinates=coordinates, inner=inner and num_microbatches == 1,
+                **self._stats_kwargs,
+            )  # fmt: skip
+        return batch_stats(
+            stats_fn, loss_fn, params, data, mask, num_microbatches=num_microbatches, inner=inner
+        )
+
+    # ------------------------------------------------------------------ running
+
+    def _update(self, carry, data, mask, num_microbatches):
+        raise NotImplementedError
+
+    def to_carry(self, state):
+        """The pytree the compiled step carries, from the user's training state."""
+        return state
+
+    def from_carry(self, carry, state):
+        """The user's training state from the carry (Flax NNX: written back into it)."""
+        del state
+        return carry
+
+    def run(self, carry, data, mask, num_microbatches: int = 1):
+        """One step on the carry: ``(carry, metrics)``. Waits for an ahead-of-time compile
+        of this shape if one is running."""
+        key = (_rows(data), num_microbatches)
+        future = self._ahead.get(key)
+        if future is not None:
+            future.result()
+        return self._jitted(carry, data, mask, num_microbatches=num_microbatches)
+
+    def compile(self, carry, data, mask, num_microbatches: int = 1):
+        """Compile the step for this shape now (``jit(...).lower(...).compile()``); the
+        arguments may be arrays or ``jax.ShapeDtypeStruct``. JAX caches the executable,
+        so the next call with this shape does not compile again."""
+        return self._jitted.lower(carry, data, mask, num_microbatches=num_microbatches).compile()
+
+    def compile_ahead(
+        self, carry, data, mask, num_microbatches: int = 1
+    ) -> concurrent.futures.Future:
+        """Start `compile` on a background thread; `run` waits for it when it needs it."""
+        key = (_rows(data), num_microbatches)
+        if key not in self._ahead:
+            if self._executor is None:
+                self._executor = concurrent.futures.ThreadPoolExecutor(1, "adaptive_batch_compile")
+            carry, data, mask = _abstract((carry, data, mask))
+            self._ahead[key] = self._executor.submit(
+                self.compile, carry, data, mask, num_microbatches
+            )
+        return self._ahead[key]
+
+    def close(self) -> None:
+        """Wait for the background compiles and stop their thread."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+
+def _rows(data) -> int:
+    leaves = jax.tree.leaves(data)
+    return int(np.shape(leaves[0])[0]) if leaves else 0
+
+
+def _ones_mask(data):
+    return np.ones((_rows(data),), bool)
+
+
+class PlainTrainStep(TrainStep):
+    """`make_train_step`'s step: ``step(params, opt_state, data, mask)``."""
+
+    def __init__(self, loss_fn, tx, **kwargs):
+        if not (hasattr(tx, "init") and hasattr(tx, "update")):
+            raise TypeError(
+                f"tx must be an optax.GradientTransformation (with init and update), got "
+                f"{tx!r}. Pass for example adaptive_batch.cabs(0.1) or optax.adam(1e-3)."
+            )
+        self.tx = optax.with_extra_args_support(tx)
+        super().__init__(loss_fn, **kwargs)
+
+    def _update(self, carry, data, mask, num_microbatches):
+        params, opt_state = carry
+        stats = self.stats(self.tx, params, opt_state, data, mask, num_microbatches)
+        updates, opt_state = self.tx.update(stats.mean_grad, opt_state, params, grad_stats=stats)
+        params = optax.apply_updates(params, updates)
+        return (params, opt_state), step_metrics(stats, opt_state)
+
+    def to_carry(self, state):
+        params, opt_state = state
+        return params, opt_state
+
+    def __call__(self, params, opt_state, data, mask=None, *, num_microbatches: int = 1):
+        """``(params, opt_state, metrics)`` after one step on the batch ``data``.
+
+        ``mask``: ``(rows,)``, 1 for real examples and 0 for padding (None: all real).
+        ``num_microbatches``: k, accumulate over k micro-batches (rows ``j::k``)."""
+        if mask is None:
+            mask = _ones_mask(data)
+        (params, opt_state), metrics = self.run((params, opt_state), data, mask, num_microbatches)
+        return params, opt_state, metrics
+
+
+def make_train_step(
+    loss_fn: LossFn,
+    tx: optax.GradientTransformation,
+    *,
+    coordinates: bool | None = None,
+    inner: bool | None = None,
+    backend: str = "vmap",
+    stats_microbatch_size: int | None = None,
+    donate: bool = False,
+) -> PlainTrainStep:
+    r"""Build ``step(params, opt_state, data, mask, *, num_microbatches=1)``.
+
+    One step on a padded batch of P = k·m rows (mask 1 for the b real ones):
+
+    .. math::
+
+        S = \sum_{j<k} \mathrm{stats}(w, \text{rows } j::k),\qquad
+        \bar g = S.\mathrm{grad\_sum} / b,
+
+        (u, s') = \mathrm{tx.update}(\bar g, s, w, \mathrm{grad\_stats}=S),\qquad
+        w' = w + u.
+
+    The statistics `GradStats` are sums, so accumulating over micro-batches is exact.
+    The inner-product sums (``inner=True``) use the whole batch's ḡ as direction: with
+    k > 1 they take a second scan over the micro-batches, one ``jax.jvp`` of the
+    per-example losses each — one extra forward-mode pass over the batch, the same
+    extra pass as on an unsplit batch (see `adaptive_batch.training._accumulate`).
+
+    The returned step is jitted with ``num_microbatches`` static: it compiles once per
+    ``(padded rows, num_microbatches)``, i.e. once per bucket of a
+    `BatchSizeController`. Its metrics (device scalars, nothing is read to the host) are
+    ``loss`` (mean over real rows), ``count``, ``batch_size`` (the next batch size the
+    rules in ``tx`` want, int32, when ``tx`` has a rule) and ``learning_rate`` (under
+    ``optax.inject_hyperparams``).
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> (B,)`` per-example losses, each depending on
+        its own example only.
+      tx: any Optax transform; plain ones (``optax.adam``) ignore ``grad_stats``.
+      coordinates, inner: which optional sums to compute (`per_example_stats`). None:
+        the cheapest set ``tx`` accepts, found once by abstract evaluation.
+      backend, stats_microbatch_size: `per_example_stats`'s ``backend`` and
+        ``microbatch_size`` (memory chunks inside one micro-batch).
+      donate: donate params and optimizer state buffers to the step (saves memory;
+        the inputs may not be used after the call).
+
+    Returns:
+      A `PlainTrainStep`, callable as ``params, opt_state, metrics = step(params,
+      opt_state, data, mask, num_microbatches=k)``, and usable by `fit` with
+      ``state=(params, opt_state)``.
+
+    Example:
+      >>> import jax.numpy as jnp, numpy as np
+      >>> import adaptive_batch as ab
+      >>> def loss_fn(w, batch):
+      ...     return 0.5 * (batch["x"] @ w - batch["y"]) ** 2
+      >>> tx = ab.norm_test(0.5, min_batch_size=4)
+      >>> step = ab.training.make_train_step(loss_fn, tx)
+      >>> w = jnp.zeros(3)
+      >>> data = {"x": np.ones((8, 3), np.float32), "y": np.arange(8, dtype=np.float32)}
+      >>> mask = np.arange(8) < 6  # 6 real rows padded to 8
+      >>> w, state, metrics = step(w, tx.init(w), data, mask)
+      >>> int(metrics["count"]), metrics["batch_size"].dtype
+      (6, dtype('int32'))
+    """
+    return PlainTrainStep(
+        loss_fn,
+        tx,
+        coordinates=coordinates,
+        inner=inner,
+        backend=backend,
+        stats_microbatch_size=stats_microbatch_size,
+        donate=donate,
+    )
