@@ -13,6 +13,12 @@ from adaptive_batch.curvature import (
     top_eigenvalue,
 )
 from adaptive_batch.stats import GradStats, per_example_stats
+from adaptive_batch.training import (  # also binds adaptive_batch.training
+    fit,
+    make_linen_train_step,
+    make_nnx_train_step,
+    make_train_step,
+)
 from adaptive_batch.transforms import (
     adadagrad,
     adadagrad_norm,
@@ -43,9 +49,13 @@ __all__ = [
     "coordinate_norm_test",
     "curvature",
     "data",
+    "fit",
     "gradient_noise_scale",
     "hutchinson_trace",
     "inner_product_test",
+    "make_linen_train_step",
+    "make_nnx_train_step",
+    "make_train_step",
     "norm_test",
     "per_example_stats",
     "scale_by_adagrad_norm",
@@ -54,4 +64,5 @@ __all__ = [
     "spectral_density",
     "suggested_batch_size",
     "top_eigenvalue",
+    "training",
 ]
