@@ -258,3 +258,45 @@ def test_missing_inputs_say_what_to_pass():
         tx.update(jnp.ones(2), tx.init(w), w)
     with pytest.raises(ValueError, match="needs the current params"):
         tx.update(jnp.ones(2), tx.init(w), batch={"x": jnp.ones((2, 2))})
+
+
+def test_trains_an_mlp_on_digits():
+    """On a network (indefinite Hessian, changing curvature) the loss falls, rates stay sane."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = jnp.asarray(digits.data[:512] / 16.0, jnp.float32)
+    y = jnp.asarray(digits.target[:512])
+
+    def loss_fn(params, batch):
+        hidden = jnp.tanh(batch["x"] @ params["w1"] + params["b1"])
+        log_probs = jax.nn.log_softmax(hidden @ params["w2"] + params["b2"])
+        return -jnp.take_along_axis(log_probs, batch["y"][:, None], axis=1)[:, 0]
+
+    k1, k2 = jax.random.split(jax.random.key(0))
+    params = {
+        "w1": jax.random.normal(k1, (64, 32)) / 8.0,
+        "b1": jnp.zeros(32),
+        "w2": jax.random.normal(k2, (32, 10)) / 6.0,
+        "b2": jnp.zeros(10),
+    }
+    tx = scale_by_curvature(loss_fn, estimate_every=10, num_iters=10)
+    rng = np.random.default_rng(0)
+
+    @jax.jit
+    def step(params, state, batch):
+        loss, grads = jax.value_and_grad(lambda p: mean_loss(loss_fn, p, batch))(params)
+        updates, state = tx.update(grads, state, params, batch=batch)
+        return optax.apply_updates(params, updates), state, loss
+
+    full = {"x": x, "y": y}
+    initial = float(mean_loss(loss_fn, params, full))
+    state = tx.init(params)
+    for _ in range(20):
+        rows = rng.choice(len(y), 64, replace=False)
+        params, state, _ = step(params, state, {"x": x[rows], "y": y[rows]})
+    final = float(mean_loss(loss_fn, params, full))
+    assert final < 0.5 * initial, (initial, final)
+    assert 0 < float(state.lambda_lo) <= float(state.lambda_max)
+    np.testing.assert_allclose(state.learning_rate, 1 / state.lambda_max, rtol=1e-5)
+    assert 0 <= float(state.momentum) <= 0.95
