@@ -1,0 +1,46 @@
+"""Timing and memory helpers shared by the benchmark scripts.
+
+Timings are medians over repeats of an already compiled function, so compile time is
+excluded; memory is the compiled executable's temporary buffer size from XLA's own
+`memory_analysis()`. Ratios are measured side by side in one process, which is what
+matters on a noisy machine.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+
+
+def median_seconds(fn, *args, repeats: int = 5, min_total: float = 0.0) -> float:
+    """Median wall time of ``fn(*args)`` (compiled first, results blocked on)."""
+    jax.block_until_ready(fn(*args))  # compile and warm up
+    times = []
+    while len(times) < repeats or sum(times) < min_total:
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def temp_bytes(fn, *args) -> int:
+    """Temporary memory XLA allocates for one call of ``jax.jit(fn)(*args)``."""
+    compiled = jax.jit(fn).lower(*args).compile()
+    analysis = compiled.memory_analysis()
+    return int(getattr(analysis, "temp_size_in_bytes", 0)) if analysis is not None else 0
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
+    print("  ".join(c.ljust(widths[c]) for c in columns))
+    print("  ".join("-" * widths[c] for c in columns))
+    for row in rows:
+        print("  ".join(_fmt(row.get(c)).ljust(widths[c]) for c in columns))
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return "" if value is None else str(value)
