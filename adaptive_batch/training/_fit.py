@@ -259,7 +259,8 @@ def _compile_next_bucket(step, controller, carry, batch, plan: BatchPlan) -> Non
 
     def like(x):
         shape = (rows, *tuple(np.shape(x))[1:])
-        sharding = x.sharding if isinstance(x, jax.Array) else None
+        committed = isinstance(x, jax.Array) and x.committed
+        sharding = x.sharding if committed else None
         return jax.ShapeDtypeStruct(shape, x.dtype, sharding=sharding)
 
     data, mask = jax.tree.map(like, (batch.data, batch.mask))

@@ -32,16 +32,16 @@ _STATS_OPTIONS = ((False, False), (True, False), (False, True), (True, True))
 
 
 def _abstract(tree: PyTree) -> PyTree:
-    """Shapes and dtypes (and, of device arrays, shardings and weak types: lowering
-    with them gives the same executable, and cache entry, as calling with the arrays)."""
+    """Shapes and dtypes (and, of device arrays, weak types and committed shardings:
+    lowering with them gives the same executable, and cache entry, as the arrays)."""
 
     def leaf(x):
         if isinstance(x, jax.ShapeDtypeStruct):
             return x
         if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
-            return jax.ShapeDtypeStruct(
-                x.shape, x.dtype, sharding=x.sharding, weak_type=x.weak_type
-            )
+            # An uncommitted array may move; naming its device would key another entry.
+            sharding = x.sharding if x.committed else None
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding, weak_type=x.weak_type)
         return jax.ShapeDtypeStruct(np.shape(x), jax.numpy.result_type(x))
 
     return jax.tree.map(leaf, tree)
