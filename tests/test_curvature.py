@@ -145,11 +145,6 @@ def test_padding_changes_nothing():
     a = spectral_density(mlp_loss, params, padded, key=key, num_iters=6, num_probes=2, mask=mask)
     b = spectral_density(mlp_loss, params, batch, key=key, num_iters=6, num_probes=2)
     np.testing.assert_allclose(a.nodes, b.nodes, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(
-        hutchinson_trace(mlp_loss, params, padded, key=key, num_probes=3, mask=mask),
-        hutchinson_trace(mlp_loss, params, batch, key=key, num_probes=3),
-        rtol=1e-4,
-    )
 
 
 def test_all_padding_batch_gives_zero_curvature_without_nan():
