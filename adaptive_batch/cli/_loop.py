@@ -1,0 +1,196 @@
+"""The command's training loop: controller → loader → one jitted step → metrics.
+
+A small host loop on top of `BatchSizeController`, `Loader`, `per_example_stats` and the
+transforms. Each step: the controller's plan says how many examples to read and which
+padded (bucketed) shape to compile; the step computes the per-example statistics (for
+an adaptive method) or a plain gradient (for a constant-batch baseline), updates the
+parameters, and returns the batch size the method wants next. Wall time counts the
+steps (compilation included, as a user waits for it) and not the evaluations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import adaptive_batch as ab
+from adaptive_batch.cli._methods import Method
+from adaptive_batch.control import BatchPlan, BatchSizeController
+from adaptive_batch.data import Loader
+from adaptive_batch.datasets import Dataset
+from adaptive_batch.models import ModelFns
+
+
+@dataclasses.dataclass
+class LoopConfig:
+    """What one training run does (the resolved command-line options)."""
+
+    method: Method
+    lr: float
+    min_batch_size: int
+    max_batch_size: int
+    batch_size: int  # constant batch of the baselines
+    examples: int  # the budget: training stops after this many examples
+    seed: int = 0
+    devices: int = 1
+    evals: int = 40  # evaluations on the test set spread over the budget
+    stats_backend: str = "vmap"
+
+
+def _masked_mean(values, mask):
+    count = jnp.maximum(jnp.sum(mask), 1)
+    return jnp.sum(jnp.where(mask, values, 0)) / count
+
+
+def make_step(fns: ModelFns, tx, method: Method, stats_backend: str):
+    """The jitted step ``(params, opt_state, data, mask) -> (params, opt_state, metrics)``."""
+    stats_fn = None
+    if method.adaptive:
+        stats_fn = ab.per_example_stats(
+            fns.loss_fn, coordinates=method.coordinates, inner=method.inner, backend=stats_backend
+        )
+
+    def step(params, opt_state, data, mask):
+        if stats_fn is not None:
+            stats = stats_fn(params, data, mask)
+            loss, grad = stats.mean_loss, stats.mean_grad
+            updates, opt_state = tx.update(grad, opt_state, params, grad_stats=stats)
+            suggested = ab.suggested_batch_size(opt_state)
+        else:
+            loss, grad = jax.value_and_grad(lambda p: _masked_mean(fns.loss_fn(p, data), mask))(
+                params
+            )
+            updates, opt_state = tx.update(grad, opt_state, params)
+            suggested = jnp.asarray(-1, jnp.int32)
+        params = optax.apply_updates(params, updates)
+        metrics = {
+            "loss": loss,
+            "suggested_batch_size": suggested,
+            "grad_norm": optax.global_norm(grad),
+            "update_norm": optax.global_norm(updates),
+        }
+        return params, opt_state, metrics
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def make_evaluate(fns: ModelFns):
+    """Jitted ``(params, data) -> (mean loss, accuracy)`` over a whole split."""
+
+    @jax.jit
+    def evaluate(params, data):
+        loss = jnp.mean(fns.loss_fn(params, data))
+        accuracy = jnp.mean(fns.correct_fn(params, data).astype(jnp.float32))
+        return loss, accuracy
+
+    return evaluate
+
+
+def _sharding(devices: int):
+    if devices == 1:
+        return None
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:devices]), ("data",))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+
+
+def run(
+    fns: ModelFns,
+    dataset: Dataset,
+    config: LoopConfig,
+    *,
+    on_row: Callable[[dict[str, Any]], None] = lambda row: None,
+    progress: Any = None,
+) -> dict[str, Any]:
+    """Train until ``config.examples`` examples were used; return the summary dict.
+
+    ``on_row`` gets one dict per step (``step``, ``batch_size``, ``loss``, ``examples``,
+    ``wall_time``, ``lr``, ``effective_lr``, and ``test_loss`` / ``test_accuracy`` on
+    evaluation steps). ``progress`` is a tqdm-like bar advanced by examples.
+    """
+    method = config.method
+    tx = method.make(config.lr, config.min_batch_size, config.max_batch_size)
+    step_fn = make_step(fns, tx, method, config.stats_backend)
+    evaluate = make_evaluate(fns)
+    if method.adaptive:
+        controller = BatchSizeController(
+            config.min_batch_size,
+            config.max_batch_size,
+            monotone=method.monotone,
+            buckets="pow2",
+            multiple_of=config.devices,
+        )
+    else:
+        controller = BatchSizeController(
+            config.batch_size, config.batch_size, buckets=None, multiple_of=config.devices
+        )
+    sharding = _sharding(config.devices)
+    test_data = jax.tree.map(jnp.asarray, dataset.test)
+    params = jax.tree.map(jnp.array, fns.params)  # a copy: the step donates its input
+    opt_state = tx.init(params)
+    eval_every = max(1, math.ceil(config.examples / max(config.evals, 1)))
+    next_eval = eval_every
+    examples = steps = 0
+    wall = 0.0
+    row: dict[str, Any] = {}
+    with Loader(dataset.train, seed=config.seed, sharding=sharding) as loader:
+        while examples < config.examples:
+            plan = controller.plan
+            take = min(plan.batch_size, config.examples - examples)
+            start = time.perf_counter()
+            batch = loader.next(BatchPlan(take, plan.padded_size))
+            params, opt_state, metrics = step_fn(params, opt_state, batch.data, batch.mask)
+            metrics = jax.device_get(metrics)
+            wall += time.perf_counter() - start
+            steps += 1
+            examples += batch.batch_size
+            grad_norm = float(metrics["grad_norm"])
+            row = {
+                "step": steps,
+                "batch_size": int(batch.batch_size),
+                "padded_size": int(plan.padded_size),
+                "loss": float(metrics["loss"]),
+                "examples": examples,
+                "wall_time": wall,
+                "lr": config.lr,
+                "effective_lr": float(metrics["update_norm"]) / grad_norm if grad_norm else 0.0,
+                "grad_norm": grad_norm,
+            }
+            if method.adaptive:
+                suggested = int(metrics["suggested_batch_size"])
+                row["suggested_batch_size"] = suggested
+                controller.next(suggested)
+            if examples >= next_eval or examples >= config.examples:
+                test_loss, test_accuracy = jax.device_get(evaluate(params, test_data))
+                row["test_loss"], row["test_accuracy"] = float(test_loss), float(test_accuracy)
+                next_eval += eval_every
+            on_row(row)
+            if progress is not None:
+                progress.update(batch.batch_size)
+                progress.set_postfix(
+                    batch=row["batch_size"], loss=f"{row['loss']:.3f}",
+                    ex_per_s=f"{examples / max(wall, 1e-9):.0f}", refresh=False,
+                )  # fmt: skip
+            if not math.isfinite(row["loss"]):
+                break
+    train_loss, train_accuracy = jax.device_get(
+        evaluate(params, jax.tree.map(jnp.asarray, dataset.train))
+    )
+    return {
+        "test_accuracy": row.get("test_accuracy", float("nan")),
+        "test_loss": row.get("test_loss", float("nan")),
+        "final_train_loss": float(train_loss),
+        "final_train_accuracy": float(train_accuracy),
+        "steps": steps,
+        "examples": examples,
+        "wall_time_s": wall,
+        "final_batch_size": row.get("batch_size", 0),
+        "diverged": not math.isfinite(row.get("loss", 0.0)),
+    }

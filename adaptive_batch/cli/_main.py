@@ -1,0 +1,167 @@
+"""``adaptive-batch``: the command line (argument parsing and error handling).
+
+Every mistake in the input ends in one line on stderr that says what to change, and
+exit code 2, never a traceback: argparse's own errors (unknown option, bad choice) and
+the checks made after parsing (min > max, an output directory that holds another run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from adaptive_batch.cli._errors import UsageError
+from adaptive_batch.cli._methods import METHODS
+from adaptive_batch.cli._resolve import DATASET_NAMES, DEFAULT_EPOCHS, MODEL_NAMES
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (argparse prints the usage block first)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows "(default: ...)" where there is a default to show (not None, not a flag)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _method_help() -> str:
+    lines = ["methods (default learning rate):"]
+    for m in METHODS.values():
+        lines.append(f"  {m.name:<20} {m.summary} (lr {m.default_lr:g})")
+    return "\n".join(lines)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dataset", default="mnist1d", metavar="NAME",
+        help=f"built-in data set, one of {', '.join(DATASET_NAMES)} (all made offline)",
+    )  # fmt: skip
+    p.add_argument(
+        "--model", default="cnn", metavar="NAME",
+        help=f"classifier, one of {', '.join(MODEL_NAMES)} (cnn: the MNIST-1D ConvBase)",
+    )  # fmt: skip
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument(
+        "--epochs", type=float, default=None,
+        help=f"training budget in passes over the training set (default {DEFAULT_EPOCHS:g})",
+    )  # fmt: skip
+    budget.add_argument(
+        "--examples", type=int, default=None,
+        help="training budget in examples (instead of --epochs)",
+    )  # fmt: skip
+    p.add_argument("--min-batch-size", type=int, default=16, help="smallest batch size")
+    p.add_argument(
+        "--max-batch-size", type=int, default=2048, help="largest batch size (adaptive methods)"
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=None,
+        help="constant batch size of the baselines (sgd, adagrad, adagrad-norm, adam); "
+        "default: --min-batch-size",
+    )  # fmt: skip
+    p.add_argument(
+        "--lr", type=float, default=None,
+        help="learning rate; default: the method's (listed below)",
+    )  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="seed of the model and the data order")
+    p.add_argument(
+        "--devices", type=int, default=1,
+        help="data-parallel devices to shard each batch over (batch sizes become multiples)",
+    )  # fmt: skip
+    p.add_argument(
+        "--num-samples", type=int, default=5000,
+        help="MNIST-1D size: total examples, 80%% for training (5000: the published "
+        "4000 / 1000 split)",
+    )  # fmt: skip
+    p.add_argument(
+        "--evals", type=int, default=40, help="test-set evaluations spread over the budget"
+    )
+    p.add_argument(
+        "--stats-backend", default="vmap", choices=("vmap", "fast", "auto"),
+        help="how per-example gradient statistics are computed (see per_example_stats)",
+    )  # fmt: skip
+    p.add_argument(
+        "--overwrite", action="store_true",
+        help="reuse an --out directory that holds an earlier run (its files are replaced)",
+    )  # fmt: skip
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (it goes to stderr)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="adaptive-batch",
+        description="Train with a batch size chosen by the training itself (CABS, "
+        "adaptive sampling tests, AdAdaGrad) on built-in data, and compare methods.",
+        formatter_class=_Formatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="{train,compare}")
+    sub.required = True
+
+    train = sub.add_parser(
+        "train", help="train one method; writes a run directory with metrics and plots",
+        description="Train one method and write OUT/config.json, metrics.jsonl, "
+        "summary.json and PNG plots. With no options: CABS on MNIST-1D with the CNN.",
+        epilog=_method_help(), formatter_class=_Formatter,
+    )  # fmt: skip
+    train.add_argument(
+        "--method", default="cabs", metavar="NAME",
+        help="training method, one of " + ", ".join(METHODS),
+    )  # fmt: skip
+    train.add_argument(
+        "--out", default=None, metavar="DIR",
+        help="run directory (default: runs/<method>-<dataset>-<model>-<time>)",
+    )  # fmt: skip
+    train.add_argument(
+        "--target", type=float, default=None,
+        help="also report steps, examples and time to reach this test accuracy (0..1)",
+    )  # fmt: skip
+    _add_common(train)
+
+    compare = sub.add_parser(
+        "compare", help="train several methods on the same examples budget; writes report.md",
+        description="Train each method with the same examples budget and write "
+        "OUT/report.md (a table: final test accuracy; steps, examples and wall time to "
+        "reach --target), overlay plots, and one run directory per method.",
+        epilog=_method_help(), formatter_class=_Formatter,
+    )  # fmt: skip
+    compare.add_argument(
+        "--methods", default="cabs,sgd,adadagrad,adagrad", metavar="LIST",
+        help="comma-separated methods, one of each: " + ", ".join(METHODS),
+    )  # fmt: skip
+    compare.add_argument(
+        "--out", default=None, metavar="DIR",
+        help="output directory (default: runs/compare-<dataset>-<model>-<time>)",
+    )  # fmt: skip
+    compare.add_argument(
+        "--target", type=float, default=0.9,
+        help="test accuracy (0..1) to measure steps, examples and time to",
+    )  # fmt: skip
+    _add_common(compare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``adaptive-batch`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    prog = f"{parser.prog} {args.command}"
+    try:
+        if args.command == "train":
+            from adaptive_batch.cli._train import train_command
+
+            return train_command(args)
+        from adaptive_batch.cli._compare import compare_command
+
+        return compare_command(args)
+    except UsageError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,112 @@
+"""Method names of the `adaptive-batch` command → Optax optimizers and what they need.
+
+Adaptive methods read per-example statistics (``grad_stats=``) and suggest the next
+batch size; the constant-batch baselines take plain gradients at a fixed batch size.
+The batch-size tests alone (norm, inner-product, augmented) only set the batch size, so
+they are chained with plain SGD at ``--lr``, as in the adaptive sampling papers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import optax
+
+import adaptive_batch as ab
+from adaptive_batch.transforms import scale_by_adagrad_torch
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """How to train with one method.
+
+    Attributes:
+      name: the command-line name.
+      adaptive: True if the method suggests batch sizes (needs per-example statistics).
+      default_lr: the learning rate when ``--lr`` is not given.
+      make: ``make(lr, min_batch_size, max_batch_size) -> optax transform``.
+      coordinates, inner: which extra statistics `adaptive_batch.per_example_stats`
+        must return.
+      monotone: the controller may only grow the batch (False for CABS, which shrinks
+        it when the noise falls relative to the loss).
+      summary: one line for ``--help``.
+    """
+
+    name: str
+    adaptive: bool
+    default_lr: float
+    make: Callable[[float, int, int], optax.GradientTransformation]
+    summary: str
+    coordinates: bool = False
+    inner: bool = False
+    monotone: bool = True
+
+
+def _bounds(lo, hi):
+    return {"min_batch_size": lo, "max_batch_size": hi}
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in [
+        Method(
+            "cabs", True, 0.1,
+            lambda lr, lo, hi: ab.cabs(lr, **_bounds(lo, hi)),
+            "CABS: batch = lr·tr Σ / loss, plain SGD (Balles et al. 2017)",
+            monotone=False,
+        ),
+        Method(
+            "norm-test", True, 0.1,
+            lambda lr, lo, hi: optax.chain(ab.norm_test(0.1, **_bounds(lo, hi)), optax.sgd(lr)),
+            "norm test (eta=0.1) + SGD (Byrd et al. 2012)",
+        ),
+        Method(
+            "inner-product-test", True, 0.1,
+            lambda lr, lo, hi: optax.chain(
+                ab.inner_product_test(0.1, **_bounds(lo, hi)), optax.sgd(lr)
+            ),
+            "inner-product test (theta=0.1) + SGD (Bollapragada et al. 2018)",
+            inner=True,
+        ),
+        Method(
+            "augmented-test", True, 0.1,
+            lambda lr, lo, hi: optax.chain(
+                ab.augmented_inner_product_test(0.5, 1.0, **_bounds(lo, hi)), optax.sgd(lr)
+            ),
+            "augmented inner-product test (theta=0.5, nu=1) + SGD",
+            inner=True,
+        ),
+        Method(
+            "adadagrad", True, 0.03,
+            lambda lr, lo, hi: ab.adadagrad(lr, eta=0.1, **_bounds(lo, hi)),
+            "AdAdaGrad: coordinate-wise norm test + AdaGrad (Lau et al. 2024)",
+            coordinates=True,
+        ),
+        Method(
+            "adadagrad-norm", True, 0.1,
+            lambda lr, lo, hi: ab.adadagrad_norm(lr, eta=0.1, **_bounds(lo, hi)),
+            "AdAdaGradNorm: norm test + AdaGrad-Norm (Lau et al. 2024)",
+        ),
+        Method(
+            "sgd", False, 0.1,
+            lambda lr, lo, hi: optax.sgd(lr),
+            "constant batch, plain SGD",
+        ),
+        Method(
+            "adagrad", False, 0.03,
+            lambda lr, lo, hi: optax.chain(scale_by_adagrad_torch(), optax.scale(-lr)),
+            "constant batch, AdaGrad (PyTorch semantics, as AdAdaGrad's step)",
+        ),
+        Method(
+            "adagrad-norm", False, 0.1,
+            lambda lr, lo, hi: optax.chain(ab.scale_by_adagrad_norm(), optax.scale(-lr)),
+            "constant batch, AdaGrad-Norm (as AdAdaGradNorm's step)",
+        ),
+        Method(
+            "adam", False, 0.01,
+            lambda lr, lo, hi: optax.adam(lr),
+            "constant batch, Adam (the published MNIST-1D baselines use lr 1e-2)",
+        ),
+    ]
+}  # fmt: skip

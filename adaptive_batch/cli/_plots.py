@@ -1,0 +1,165 @@
+"""PNG plots of one run and overlays of several (matplotlib, Agg backend: no display)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+Rows = Sequence[dict[str, Any]]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)  # files only; works without a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _smooth(values: np.ndarray, window: int = 25) -> np.ndarray:
+    """Moving average of the noisy per-batch loss (shorter window at the start)."""
+    if len(values) == 0:
+        return values
+    cumulative = np.cumsum(np.insert(values, 0, 0.0))
+    idx = np.arange(1, len(values) + 1)
+    lo = np.maximum(idx - window, 0)
+    return (cumulative[idx] - cumulative[lo]) / (idx - lo)
+
+
+def _column(rows: Rows, key: str, where: str | None = None) -> np.ndarray:
+    return np.array([r[key] for r in rows if where is None or where in r], dtype=float)
+
+
+# x axes: (key in a row, axis label)
+_X = {
+    "examples": ("examples", "training examples"),
+    "time": ("wall_time", "wall time (s)"),
+    "step": ("step", "optimizer step"),
+}
+
+
+def _loss_panel(ax, rows: Rows, x: str, label: str | None = None, color=None) -> None:
+    key, xlabel = _X[x]
+    xs, losses = _column(rows, key), _column(rows, "loss")
+    ax.plot(xs, _smooth(losses), color=color, label=label or "train (batch, smoothed)")
+    if label is None:
+        ax.plot(
+            _column(rows, key, "test_loss"), _column(rows, "test_loss", "test_loss"),
+            "o-", ms=3, label="test",
+        )  # fmt: skip
+        ax.legend()
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("loss")
+
+
+def _accuracy_panel(ax, rows: Rows, x: str, label: str | None = None, color=None) -> None:
+    key, xlabel = _X[x]
+    ax.plot(
+        _column(rows, key, "test_accuracy"), _column(rows, "test_accuracy", "test_accuracy"),
+        "o-", ms=3, color=color, label=label,
+    )  # fmt: skip
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test accuracy")
+    ax.grid(alpha=0.3)
+
+
+def _batch_panel(ax, rows: Rows, label: str | None = None, color=None) -> None:
+    ax.plot(_column(rows, "step"), _column(rows, "batch_size"), color=color, label=label)
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("batch size")
+
+
+def _lr_panel(ax, rows: Rows) -> None:
+    steps = _column(rows, "step")
+    ax.plot(steps, _column(rows, "lr"), label="--lr (constant)")
+    ax.plot(steps, _smooth(_column(rows, "effective_lr")), label="effective ‖update‖/‖ḡ‖")
+    ax.set_yscale("log")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("learning rate")
+    ax.legend()
+
+
+def run_plots(rows: Rows, out: Path, title: str) -> list[Path]:
+    """One run's plots: loss and accuracy against examples and wall time, batch size
+    against step, learning rate against step, and ``overview.png`` with all six."""
+    plt = _pyplot()
+    panels = {
+        "loss_vs_examples": lambda ax: _loss_panel(ax, rows, "examples"),
+        "loss_vs_time": lambda ax: _loss_panel(ax, rows, "time"),
+        "accuracy_vs_examples": lambda ax: _accuracy_panel(ax, rows, "examples"),
+        "accuracy_vs_time": lambda ax: _accuracy_panel(ax, rows, "time"),
+        "batch_size": lambda ax: _batch_panel(ax, rows),
+        "learning_rate": lambda ax: _lr_panel(ax, rows),
+    }
+    paths = []
+    for name, draw in panels.items():
+        fig, ax = plt.subplots(figsize=(5, 3.5), layout="constrained")
+        draw(ax)
+        ax.set_title(title, fontsize=9)
+        paths.append(_save(fig, out / f"{name}.png", plt))
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7), layout="constrained")
+    for ax, draw in zip(axes.T.ravel(), panels.values(), strict=True):
+        draw(ax)
+    fig.suptitle(title)
+    paths.append(_save(fig, out / "overview.png", plt))
+    return paths
+
+
+def compare_plots(runs: dict[str, Rows], out: Path, title: str, target: float) -> list[Path]:
+    """Overlays of several runs: test accuracy against steps, examples and wall time,
+    train loss against examples, batch size against step; and ``compare_overview.png``."""
+    plt = _pyplot()
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+
+    def overlay(ax, draw):
+        for i, (name, rows) in enumerate(runs.items()):
+            draw(ax, rows, name, colors[i % len(colors)])
+        ax.legend(fontsize=8)
+
+    def with_target(draw):
+        def wrapped(ax):
+            overlay(ax, draw)
+            ax.axhline(target, color="gray", ls="--", lw=1)
+
+        return wrapped
+
+    panels = {
+        "compare_accuracy_vs_steps": with_target(
+            lambda ax, r, n, c: _accuracy_panel(ax, r, "step", n, c)
+        ),
+        "compare_accuracy_vs_examples": with_target(
+            lambda ax, r, n, c: _accuracy_panel(ax, r, "examples", n, c)
+        ),
+        "compare_accuracy_vs_time": with_target(
+            lambda ax, r, n, c: _accuracy_panel(ax, r, "time", n, c)
+        ),
+        "compare_loss_vs_examples": lambda ax: overlay(
+            ax, lambda ax, r, n, c: _loss_panel(ax, r, "examples", n, c)
+        ),
+        "compare_batch_size": lambda ax: overlay(ax, lambda ax, r, n, c: _batch_panel(ax, r, n, c)),
+    }
+    paths = []
+    for name, draw in panels.items():
+        fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
+        draw(ax)
+        ax.set_title(title, fontsize=9)
+        paths.append(_save(fig, out / f"{name}.png", plt))
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8), layout="constrained")
+    for ax, draw in zip(axes.ravel(), panels.values(), strict=False):
+        draw(ax)
+    axes.ravel()[-1].axis("off")
+    fig.suptitle(title)
+    paths.append(_save(fig, out / "compare_overview.png", plt))
+    return paths
+
+
+def _save(fig, path: Path, plt) -> Path:
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
