@@ -11,8 +11,8 @@ import jax.numpy as jnp
 from optax import microbatching
 
 from adaptive_batch.stats import _validation
-from adaptive_batch.stats._grad_stats import GradStats
 from adaptive_batch.stats._fast import auto_sums, fast_sums
+from adaptive_batch.stats._grad_stats import GradStats
 from adaptive_batch.stats._vmap import masked, vmap_sums
 
 PyTree = Any
