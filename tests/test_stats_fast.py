@@ -224,7 +224,7 @@ def test_cnn2d_stride_padding_dilation_groups():
     mask = jnp.array([1, 0, 1, 1, 1, 1, 0, 1])
     assert_stats_close(*both_backends(cnn2d_loss, params, batch, mask, coordinates=True))
     report = fast_stats_report(cnn2d_loss, params, batch)
-    assert report["['c1']"] == report["['c2']"] == "conv-products"
+    assert report["['c1']"] == report["['c2']"] == "conv"
 
 
 def test_nnx_conv1d_norms_only():

@@ -36,6 +36,7 @@ import numpy as np
 from jax import lax
 
 from adaptive_batch.stats._fast_analysis import Site
+from adaptive_batch.stats._fast_conv import conv_unfold, is_plain_conv
 
 
 def choose_rule(site: Site, batch_size: int, coordinates: bool) -> str:
@@ -51,7 +52,7 @@ def choose_rule(site: Site, batch_size: int, coordinates: bool) -> str:
     if name == "gather" and _is_embedding(site):
         return "embedding"
     if name == "conv_general_dilated":
-        return "conv-products"
+        return "conv" if is_plain_conv(site) else "conv-products"
     if name == "dot_general":
         return "dense-products"
     return "elementwise" if name in ("mul", "add", "add_any", "sub", "div") else "products"
@@ -73,6 +74,17 @@ def site_stats(site: Site, records, delta, *, leaf_aval, coordinates: bool):
                 lambda a, d: jnp.einsum("bhpk,bhpn->bhkn", a, d), (a, d), budget, coordinates
             )
         out = tuple(_dense_to_weight(site, x) if x is not None and x.ndim else x for x in out)
+    elif rule == "conv":
+        unfold, to_weight, patch_size = conv_unfold(site)
+        a = records[0]
+        out = _chunked_sums(
+            lambda a, d: jnp.einsum("bhpk,bhpn->bhkn", *unfold(a, d)),
+            (a, delta),
+            a.size + delta.size,
+            coordinates,
+            extra_per_row=patch_size,
+        )
+        out = tuple(to_weight(x) if x is not None and x.ndim else x for x in out)
     elif rule == "embedding":
         out = _embedding(site, records[0], delta, coordinates)
     else:
@@ -236,12 +248,13 @@ def _products(site: Site, records, delta, coordinates):
     return _chunked_sums(lambda r, d: per_example(r, d), (records, delta), budget, coordinates)
 
 
-def _chunked_sums(per_example_grads, inputs, budget: int, coordinates: bool):
-    """Σ g, Σ‖g‖², [Σ g⊙g] of per-example grads, ≤ budget elements of them at a time."""
+def _chunked_sums(per_example_grads, inputs, budget: int, coordinates: bool, extra_per_row=0):
+    """Σ g, Σ‖g‖², [Σ g⊙g] of per-example grads, ≤ budget elements of them (and of
+    ``extra_per_row`` intermediates per example) at a time."""
     batch = jax.tree.leaves(inputs)[0].shape[0]
     one_row = jax.tree.map(lambda x: jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype), inputs)
     g_shape = jax.eval_shape(per_example_grads, *one_row)
-    per_row = math.prod(g_shape.shape[1:])
+    per_row = math.prod(g_shape.shape[1:]) + extra_per_row
     fits = [c for c in range(2, batch + 1) if batch % c == 0 and c * per_row <= budget]
     chunk = max(fits, default=1)
 

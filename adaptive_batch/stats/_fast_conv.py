@@ -1,0 +1,109 @@
+"""Convolution rule of the ``"fast"`` backend: per-example products on unfolded patches.
+
+A convolution y = conv(a, W) with G feature groups is, per example i and group g, a
+dense layer shared over the P output positions: yᵢₚ = Wᵍᵀ uᵢₚ with uᵢₚ the input patch
+(Cᵍ channels × window) under output position p, so
+
+    gᵢ(Wᵍ) = Σₚ uᵢₚ ⊗ δᵢₚ.
+
+The patches are strided slices of the padded (and, for transposed convolutions,
+dilated) input, one per window offset, so unfolding moves data but does no arithmetic
+(``lax.conv_general_dilated_patches`` would cost a convolution with (C·window)² weights);
+the per-example products are batched matrix products,
+computed a chunk of examples at a time so that the unfolded patches (window × the
+input) never exist for the whole batch.
+
+Reference: Rochette, Manoel, Tramel, "Efficient per-example gradient computations in
+convolutional neural networks", https://arxiv.org/abs/1912.06015.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from adaptive_batch.stats._fast_analysis import Site
+
+
+def is_plain_conv(site: Site) -> bool:
+    """A convolution whose weight is the right-hand side, without batch groups."""
+    params = site.eqn.params
+    return (
+        site.weight_pos == 1
+        and site.view.bijective
+        and params["batch_group_count"] == 1
+        and site.eqn.invars[0].aval.shape[params["dimension_numbers"].lhs_spec[0]] == 1
+    )
+
+
+def conv_unfold(site: Site):
+    """``unfold(a, delta) -> (patches (b, G, P, K), delta (b, G, P, N))`` and ``to_weight``
+    mapping (G, K, N) arrays back to the kernel layout."""
+    params = site.eqn.params
+    dn = params["dimension_numbers"]
+    lhs_spec, rhs_spec, out_spec = dn
+    w_shape = site.eqn.invars[1].aval.shape
+    window = tuple(w_shape[d] for d in rhs_spec[2:])
+    groups = params["feature_group_count"]
+    out_channels, group_channels = w_shape[rhs_spec[0]], w_shape[rhs_spec[1]]
+
+    def rows_as_batch(x, batch_dim):
+        # Records carry the vmapped example axis in front of the conv's own batch axis
+        # of size 1: put the examples in the conv's batch axis.
+        return jnp.moveaxis(jnp.squeeze(x, 1 + batch_dim), 0, batch_dim)
+
+    def grouped(x):  # (b, *out_spatial, features) -> (b, G, P, features per group)
+        x = x.reshape(x.shape[0], -1, groups, x.shape[-1] // groups)
+        return jnp.transpose(x, (0, 2, 1, 3))
+
+    strides, dilations = params["window_strides"], params["rhs_dilation"]
+    padding, lhs_dilation = params["padding"], params["lhs_dilation"]
+    out_spatial = [site.eqn.outvars[0].aval.shape[d] for d in out_spec[2:]]
+
+    def patches_of(a):
+        """(b, *out_spatial, C·window) input patches, channel-major like the kernel."""
+        x = jnp.transpose(a, (lhs_spec[0], *lhs_spec[2:], lhs_spec[1]))  # (b, *S, C)
+        x = lax.pad(
+            x,
+            jnp.zeros((), x.dtype),
+            [(0, 0, 0)]
+            + [(lo, hi, dil - 1) for (lo, hi), dil in zip(padding, lhs_dilation, strict=True)]
+            + [(0, 0, 0)],
+        )
+        slices = []
+        for offset in itertools.product(*(range(k) for k in window)):
+            start = [0] + [k * d for k, d in zip(offset, dilations, strict=True)] + [0]
+            limit = (
+                [x.shape[0]]
+                + [
+                    s + (n - 1) * st + 1
+                    for s, n, st in zip(start[1:], out_spatial, strides, strict=False)
+                ]
+                + [x.shape[-1]]
+            )
+            slices.append(lax.slice(x, start, limit, [1, *strides, 1]))
+        x = jnp.stack(slices, axis=-1)  # (b, *out, C, window)
+        return x.reshape(*x.shape[:-2], -1)
+
+    def unfold(a, delta):
+        patches = patches_of(rows_as_batch(a, lhs_spec[0]))
+        delta = rows_as_batch(delta, out_spec[0])
+        delta = jnp.transpose(delta, (out_spec[0], *out_spec[2:], out_spec[1]))
+        return grouped(patches), grouped(delta)
+
+    def to_weight(x):
+        # (G, Cᵍ·window, Oᵍ) -> logical (O, Cᵍ, *window) -> the kernel's own layout.
+        x = x.reshape(groups, group_channels, *window, out_channels // groups)
+        x = jnp.moveaxis(x, -1, 1).reshape(out_channels, group_channels, *window)
+        return jnp.transpose(x, np.argsort(rhs_spec))
+
+    per_row = (
+        math.prod(site.eqn.outvars[0].aval.shape)
+        // out_channels
+        * (group_channels * groups * math.prod(window))
+    )
+    return unfold, to_weight, per_row

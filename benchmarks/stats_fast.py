@@ -1,0 +1,326 @@
+"""Benchmark: the "fast" per-example statistics against "vmap" and a plain gradient.
+
+For an MLP 40-512-512-10, a small 2-D CNN and a transformer block (Flax NNX:
+embedding, attention, LayerNorm, MLP) at B = 64, 256, 1024 it measures, in one run and
+side by side (methods interleaved round by round, median of the rounds):
+
+* time of ``per_example_stats(backend="fast")`` (norms only), of the same with
+  ``coordinates=True`` and of ``backend="vmap"``, each divided by the time of a plain
+  ``jax.value_and_grad`` of the masked mean loss;
+* compiled temporary memory (``memory_analysis().temp_size_in_bytes``), as a ratio to
+  the plain gradient's.
+
+Targets (issue 7, 2-core CPU): norms <= 1.15x plain, with coordinates <= 1.4x plain,
+temporary memory <= 1.5x plain, MLP at B = 256 at least 20x faster than vmap.
+
+With PyTorch and BackPACK installed (``pip install torch==2.13.0
+backpack-for-pytorch``) the same MLP and CNN are also timed with BackPACK's
+BatchL2Grad (and SumGradSquared for coordinates), reported as our time / BackPACK's.
+
+Run: ``python benchmarks/stats_fast.py [--quick]``. The last line is a JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import lax
+
+from adaptive_batch.stats import per_example_stats
+
+# ----------------------------------------------------------------------------- models
+
+
+def xent(logits, labels):
+    return jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, labels[:, None], 1)[:, 0]
+
+
+def mlp(key):
+    sizes = (40, 512, 512, 10)
+    ks = jax.random.split(key, len(sizes))
+    params = [
+        {"w": jax.random.normal(k, (m, n)) / np.sqrt(m), "b": jnp.zeros(n)}
+        for k, m, n in zip(ks, sizes[:-1], sizes[1:], strict=False)
+    ]
+
+    def loss_fn(params, batch):
+        h = batch["x"]
+        for layer in params[:-1]:
+            h = jax.nn.relu(h @ layer["w"] + layer["b"])
+        return xent(h @ params[-1]["w"] + params[-1]["b"], batch["y"])
+
+    def make_batch(k, n):
+        k1, k2 = jax.random.split(k)
+        return {"x": jax.random.normal(k1, (n, 40)), "y": jax.random.randint(k2, (n,), 0, 10)}
+
+    return params, loss_fn, make_batch
+
+
+CNN_CHANNELS = ((3, 16, 1), (16, 32, 2), (32, 32, 2))  # (in, out, stride), 3x3, padding 1
+
+
+def cnn(key):
+    ks = jax.random.split(key, 4)
+    params = {
+        f"conv{i}": {
+            "w": jax.random.normal(k, (3, 3, c_in, c_out)) / np.sqrt(9 * c_in),
+            "b": jnp.zeros(c_out),
+        }
+        for i, (k, (c_in, c_out, _)) in enumerate(zip(ks, CNN_CHANNELS, strict=False))
+    }
+    params["out"] = {"w": jax.random.normal(ks[3], (32, 10)) / np.sqrt(32), "b": jnp.zeros(10)}
+
+    def loss_fn(params, batch):
+        h = batch["x"]
+        for i, (_, _, stride) in enumerate(CNN_CHANNELS):
+            layer = params[f"conv{i}"]
+            h = lax.conv_general_dilated(
+                h, layer["w"], (stride, stride), ((1, 1), (1, 1)),
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            )  # fmt: skip
+            h = jax.nn.relu(h + layer["b"])
+        h = h.mean(axis=(1, 2))
+        return xent(h @ params["out"]["w"] + params["out"]["b"], batch["y"])
+
+    def make_batch(k, n):
+        k1, k2 = jax.random.split(k)
+        x = jax.random.normal(k1, (n, 16, 16, 3))
+        return {"x": x, "y": jax.random.randint(k2, (n,), 0, 10)}
+
+    return params, loss_fn, make_batch
+
+
+class TransformerBlock(nnx.Module):
+    def __init__(self, vocab, width, heads, rngs):
+        self.embed = nnx.Embed(vocab, width, rngs=rngs)
+        self.ln1 = nnx.LayerNorm(width, rngs=rngs)
+        self.attention = nnx.MultiHeadAttention(
+            num_heads=heads, in_features=width, decode=False, rngs=rngs
+        )
+        self.ln2 = nnx.LayerNorm(width, rngs=rngs)
+        self.up = nnx.Linear(width, 4 * width, rngs=rngs)
+        self.down = nnx.Linear(4 * width, width, rngs=rngs)
+        self.head = nnx.Linear(width, 10, rngs=rngs)
+
+    def __call__(self, ids):
+        h = self.embed(ids)
+        h = h + self.attention(self.ln1(h))
+        h = h + self.down(jax.nn.gelu(self.up(self.ln2(h))))
+        return self.head(h.mean(axis=1))
+
+
+def transformer(key, vocab=256, length=32, width=64, heads=4):
+    model = TransformerBlock(vocab, width, heads, nnx.Rngs(int(jax.random.randint(key, (), 0, 99))))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss_fn(params, batch):
+        return xent(nnx.merge(graphdef, params, rest)(batch["x"]), batch["y"])
+
+    def make_batch(k, n):
+        k1, k2 = jax.random.split(k)
+        return {
+            "x": jax.random.randint(k1, (n, length), 0, vocab),
+            "y": jax.random.randint(k2, (n,), 0, 10),
+        }
+
+    return params, loss_fn, make_batch
+
+
+MODELS = {"mlp": mlp, "cnn": cnn, "transformer": transformer}
+
+# ----------------------------------------------------------------------------- timing
+
+
+def methods_for(loss_fn, with_vmap: bool):
+    def mean_loss(params, batch, mask):
+        return jnp.sum(jnp.where(mask, loss_fn(params, batch), 0)) / jnp.sum(mask)
+
+    methods = {
+        "plain": jax.jit(jax.value_and_grad(mean_loss)),
+        "fast": per_example_stats(loss_fn, backend="fast"),
+        "fast_coords": per_example_stats(loss_fn, backend="fast", coordinates=True),
+    }
+    if with_vmap:
+        methods["vmap"] = per_example_stats(loss_fn, backend="vmap")
+    return methods
+
+
+def measure(methods, args, rounds: int, budget_s: float):
+    """Median seconds per call of each method, interleaved round by round."""
+    times = {name: [] for name in methods}
+    for fn in methods.values():
+        jax.block_until_ready(fn(*args))  # compile and warm up
+    start = time.perf_counter()
+    for r in range(rounds):
+        for name, fn in methods.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[name].append(time.perf_counter() - t0)
+        if r >= 2 and time.perf_counter() - start > budget_s:
+            break
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def temp_bytes(fn, args):
+    return fn.lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
+def run_jax(model_names, batch_sizes, rounds, budget_s, vmap_max_batch):
+    rows = []
+    for name in model_names:
+        params, loss_fn, make_batch = MODELS[name](jax.random.key(0))
+        for batch_size in batch_sizes:
+            batch = make_batch(jax.random.key(batch_size), batch_size)
+            mask = jnp.ones(batch_size)
+            methods = methods_for(loss_fn, with_vmap=batch_size <= vmap_max_batch)
+            args = (params, batch, mask)
+            seconds = measure(methods, args, rounds, budget_s)
+            memory = {m: temp_bytes(fn, args) for m, fn in methods.items()}
+            row = {"model": name, "batch": batch_size, "plain_ms": 1e3 * seconds["plain"]}
+            for m in methods:
+                if m != "plain":
+                    row[f"{m}_x"] = seconds[m] / seconds["plain"]
+                    row[f"{m}_mem_x"] = memory[m] / max(memory["plain"], 1)
+                    row[f"{m}_ms"] = 1e3 * seconds[m]
+            if "vmap" in methods:
+                row["vmap_over_fast"] = seconds["vmap"] / seconds["fast"]
+            rows.append(row)
+            print(format_row(row), flush=True)
+    return rows
+
+
+def format_row(row):
+    def cell(key, fmt="{:.2f}x"):
+        return fmt.format(row[key]) if key in row else "-"
+
+    return (
+        f"{row['model']:<12}{row['batch']:>6}{row['plain_ms']:>10.2f}"
+        f"{cell('fast_x'):>9}{cell('fast_coords_x'):>9}{cell('vmap_x', '{:.1f}x'):>9}"
+        f"{cell('fast_mem_x'):>9}{cell('fast_coords_mem_x'):>9}{cell('vmap_mem_x', '{:.1f}x'):>9}"
+        f"{cell('vmap_over_fast', '{:.0f}x'):>10}"
+    )
+
+
+HEADER = (
+    f"{'model':<12}{'B':>6}{'plain ms':>10}{'fast':>9}{'+coords':>9}{'vmap':>9}"
+    f"{'mem fast':>9}{'mem +co':>9}{'mem vmap':>9}{'vmap/fast':>10}"
+)
+
+# ----------------------------------------------------------------------------- BackPACK
+
+
+def run_backpack(jax_rows, batch_sizes, rounds, budget_s):
+    """Time BackPACK on the same MLP and CNN; our time / BackPACK's per row."""
+    try:
+        import torch
+        from backpack import backpack, extend
+        from backpack.extensions import BatchL2Grad, SumGradSquared
+    except ImportError as error:
+        print(f"BackPACK comparison skipped ({error}).")
+        return []
+    torch.manual_seed(0)
+    nets = {
+        "mlp": lambda: torch.nn.Sequential(
+            torch.nn.Linear(40, 512), torch.nn.ReLU(), torch.nn.Linear(512, 512),
+            torch.nn.ReLU(), torch.nn.Linear(512, 10),
+        ),
+        "cnn": lambda: torch.nn.Sequential(
+            torch.nn.Conv2d(3, 16, 3, 1, 1), torch.nn.ReLU(),
+            torch.nn.Conv2d(16, 32, 3, 2, 1), torch.nn.ReLU(),
+            torch.nn.Conv2d(32, 32, 3, 2, 1), torch.nn.ReLU(),
+            torch.nn.AvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(32, 10),
+        ),
+    }  # fmt: skip
+    shapes = {"mlp": (40,), "cnn": (3, 16, 16)}
+    rows = []
+    for name, make in nets.items():
+        net, loss_fn = extend(make()), extend(torch.nn.CrossEntropyLoss())
+        for batch_size in batch_sizes:
+            x = torch.randn(batch_size, *shapes[name])
+            y = torch.randint(0, 10, (batch_size,))
+
+            def step(*extensions, net=net, loss_fn=loss_fn, x=x, y=y):
+                net.zero_grad()
+                loss = loss_fn(net(x), y)
+                with backpack(*extensions):
+                    loss.backward()
+
+            runs = {
+                "plain": lambda step=step: step(),
+                "norms": lambda step=step: step(BatchL2Grad()),
+                "coords": lambda step=step: step(BatchL2Grad(), SumGradSquared()),
+            }
+            seconds = measure_python(runs, rounds, budget_s)
+            ours = next(r for r in jax_rows if r["model"] == name and r["batch"] == batch_size)
+            row = {
+                "model": name,
+                "batch": batch_size,
+                "backpack_plain_ms": 1e3 * seconds["plain"],
+                "backpack_norms_ms": 1e3 * seconds["norms"],
+                "backpack_coords_ms": 1e3 * seconds["coords"],
+                "ours_over_backpack_norms": ours["fast_ms"] / (1e3 * seconds["norms"]),
+                "ours_over_backpack_coords": ours["fast_coords_ms"] / (1e3 * seconds["coords"]),
+                "plain_jax_over_torch": ours["plain_ms"] / (1e3 * seconds["plain"]),
+            }
+            rows.append(row)
+            print(
+                f"{name:<12}{batch_size:>6}  BackPACK norms {row['backpack_norms_ms']:8.2f} ms"
+                f"  coords {row['backpack_coords_ms']:8.2f} ms  ours/BackPACK:"
+                f" norms {row['ours_over_backpack_norms']:.2f}"
+                f" coords {row['ours_over_backpack_coords']:.2f}"
+                f"  (plain JAX/torch {row['plain_jax_over_torch']:.2f})",
+                flush=True,
+            )
+    return rows
+
+
+def measure_python(runs, rounds, budget_s):
+    times = {name: [] for name in runs}
+    for fn in runs.values():
+        fn()
+    start = time.perf_counter()
+    for r in range(rounds):
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+        if r >= 2 and time.perf_counter() - start > budget_s:
+            break
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="B = 64 and 256 only, fewer rounds")
+    parser.add_argument("--models", default="mlp,cnn,transformer")
+    parser.add_argument("--no-backpack", action="store_true")
+    args = parser.parse_args()
+    batch_sizes = (64, 256) if args.quick else (64, 256, 1024)
+    rounds, budget_s = (7, 2.0) if args.quick else (21, 8.0)
+    vmap_max_batch = 256 if args.quick else 1024
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; ratios to plain grad")
+    print(HEADER)
+    rows = run_jax(args.models.split(","), batch_sizes, rounds, budget_s, vmap_max_batch)
+    backpack_rows = [] if args.no_backpack else run_backpack(rows, batch_sizes, rounds, budget_s)
+    targets = {
+        "norms_le_1.15x": all(r["fast_x"] <= 1.15 for r in rows),
+        "coords_le_1.4x": all(r["fast_coords_x"] <= 1.4 for r in rows),
+        "memory_le_1.5x": all(max(r["fast_mem_x"], r["fast_coords_mem_x"]) <= 1.5 for r in rows),
+        "mlp_b256_vmap_over_fast_ge_20": all(
+            r["vmap_over_fast"] >= 20 for r in rows if r["model"] == "mlp" and r["batch"] == 256
+        ),
+    }
+    print(json.dumps({"rows": rows, "backpack": backpack_rows, "targets_met": targets}))
+
+
+if __name__ == "__main__":
+    main()
