@@ -1,0 +1,109 @@
+"""Flax NNX and Flax Linen loops train on scikit-learn digits with CABS and AdAdaGrad.
+
+Each run goes through `fit` (controller → loader → step) and must reach >= 90% test
+accuracy; the NNX optimizer and the Linen TrainState must come back trained and their
+step counters must agree with the loop's.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from flax.training.train_state import TrainState
+from sklearn.datasets import load_digits
+
+import adaptive_batch as ab
+
+HIDDEN = 32
+
+# Method, optimizer, controller settings, epochs. CABS may shrink the batch
+# (monotone=False); AdAdaGrad's coordinate-wise test only grows it.
+METHODS = {
+    "cabs": (lambda: ab.cabs(0.5, min_batch_size=16, max_batch_size=256), False, 8),
+    "adadagrad": (lambda: ab.adadagrad(0.1, min_batch_size=16, max_batch_size=256), True, 5),
+}
+
+
+@pytest.fixture(scope="module")
+def digits():
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16.0).astype(np.float32)
+    y = y.astype(np.int32)
+    order = np.random.default_rng(0).permutation(len(x))
+    x, y = x[order], y[order]
+    train = {"x": x[:1400], "y": y[:1400]}
+    test = (x[1400:], y[1400:])
+    return train, test
+
+
+def run(step, state, train, method):
+    _, monotone, epochs = METHODS[method]
+    controller = ab.BatchSizeController(16, 256, monotone=monotone, lag=1)
+    return ab.fit(step, state, train, controller, epochs=epochs, progress=False, seed=1)
+
+
+class NnxMLP(nnx.Module):
+    def __init__(self, rngs):
+        self.hidden = nnx.Linear(64, HIDDEN, rngs=rngs)
+        self.out = nnx.Linear(HIDDEN, 10, rngs=rngs)
+
+    def __call__(self, x):
+        return self.out(jnp.tanh(self.hidden(x)))
+
+
+class LinenMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(10)(jnp.tanh(nn.Dense(HIDDEN)(x)))
+
+
+def accuracy(logits, labels):
+    return float(jnp.mean(jnp.argmax(logits, axis=-1) == labels))
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_nnx_loop_trains_digits(digits, method):
+    train, (x_test, y_test) = digits
+    model = NnxMLP(nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, METHODS[method][0](), wrt=nnx.Param)
+    before = accuracy(model(x_test), y_test)
+
+    def loss_fn(model, batch):
+        return optax.softmax_cross_entropy_with_integer_labels(model(batch["x"]), batch["y"])
+
+    result = run(ab.make_nnx_train_step(loss_fn), (model, optimizer), train, method)
+
+    assert result.state[0] is model and result.state[1] is optimizer  # updated in place
+    assert int(optimizer.step[...]) == result.steps
+    after = accuracy(model(x_test), y_test)
+    assert before < 0.3 and after >= 0.9, (before, after)
+    assert result.compiles <= len(result.controller.buckets)
+    assert max(result.history.column("batch_size")) > 16  # the method grew the batch
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_linen_loop_trains_digits(digits, method):
+    train, (x_test, y_test) = digits
+    module = LinenMLP()
+    params = module.init(jax.random.key(0), x_test[:1])["params"]
+    state = TrainState.create(apply_fn=module.apply, params=params, tx=METHODS[method][0]())
+    before = accuracy(module.apply({"params": params}, x_test), y_test)
+
+    def loss_fn(params, batch):
+        logits = module.apply({"params": params}, batch["x"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
+
+    result = run(ab.make_linen_train_step(loss_fn), state, train, method)
+
+    trained = result.state
+    assert int(trained.step) == result.steps
+    after = accuracy(module.apply({"params": trained.params}, x_test), y_test)
+    assert before < 0.3 and after >= 0.9, (before, after)
+    assert result.compiles <= len(result.controller.buckets)
+    assert max(result.history.column("batch_size")) > 16
+    assert int(ab.suggested_batch_size(trained.opt_state)) == result.history.steps[-1]["suggested"]
