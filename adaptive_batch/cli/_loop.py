@@ -74,8 +74,8 @@ def make_step(fns: ModelFns, tx, method: Method, stats_backend: str):
         metrics = {
             "loss": loss,
             "suggested_batch_size": suggested,
-            "grad_norm": optax.global_norm(grad),
-            "update_norm": optax.global_norm(updates),
+            "grad_norm": optax.tree.norm(grad),
+            "update_norm": optax.tree.norm(updates),
         }
         return params, opt_state, metrics
 

@@ -1,0 +1,185 @@
+"""The `adaptive-batch` command: help, a tiny train and compare, and bad inputs."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from adaptive_batch.cli import main
+from adaptive_batch.cli._methods import METHODS
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+RUN_PLOTS = ["loss_vs_examples", "loss_vs_time", "accuracy_vs_examples", "accuracy_vs_time",
+             "batch_size", "learning_rate", "overview"]  # fmt: skip
+# A small, fast problem: 4-class Gaussian data, logistic regression, a few hundred examples.
+TINY = ["--dataset", "synthetic", "--model", "logreg", "--examples", "640", "--evals", "4",
+        "--min-batch-size", "8", "--max-batch-size", "64", "--no-progress"]  # fmt: skip
+
+
+def _run(argv, capsys):
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse exits for --help and parse errors
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _png(path):
+    assert path.read_bytes()[:8] == PNG_MAGIC, path
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["compare", "--help"]])
+def test_help_lists_every_option_with_defaults(argv, capsys):
+    code, out, _ = _run(argv, capsys)
+    assert code == 0
+    if argv == ["--help"]:
+        assert "train" in out and "compare" in out
+        return
+    for option in ["--method" if argv[0] == "train" else "--methods", "--dataset", "--model",
+                   "--epochs", "--examples", "--min-batch-size", "--max-batch-size", "--lr",
+                   "--seed", "--out", "--devices", "--target"]:  # fmt: skip
+        assert option in out, option
+    assert "(default: 16)" in out and "(default: 2048)" in out and "(default: mnist1d)" in out
+    for name in METHODS:
+        assert name in out
+
+
+def test_train_writes_the_run_directory(tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    code, out, err = _run(["train", *TINY, "--out", str(out_dir), "--target", "0.5"], capsys)
+    assert code == 0, err
+    config = json.loads((out_dir / "config.json").read_text())
+    assert config["method"] == "cabs" and config["dataset"] == "synthetic"
+    assert config["examples_budget"] == 640 and config["lr"] == METHODS["cabs"].default_lr
+    assert config["min_batch_size"] == 8 and config["max_batch_size"] == 64
+
+    rows = _read_jsonl(out_dir / "metrics.jsonl")
+    for row in rows:
+        assert {"step", "batch_size", "loss", "examples", "wall_time", "lr"} <= row.keys()
+        assert 8 <= row["batch_size"] <= 64
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
+    # Examples add up batch by batch and stop exactly at the budget.
+    running = 0
+    for row in rows:
+        running += row["batch_size"]
+        assert row["examples"] == running
+    assert running == 640
+    assert all(b["wall_time"] >= a["wall_time"] for a, b in itertools.pairwise(rows))
+    evals = [r for r in rows if "test_accuracy" in r]
+    assert len(evals) == 4 and evals[-1] is rows[-1]
+
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["steps"] == len(rows) and summary["examples"] == 640
+    assert summary["test_accuracy"] == evals[-1]["test_accuracy"]
+    assert summary["final_batch_size"] == rows[-1]["batch_size"]
+    assert summary["wall_time_s"] == pytest.approx(rows[-1]["wall_time"])
+    assert summary["final_train_loss"] > 0 and summary["test_accuracy"] > 0.4  # chance: 0.25
+    first = next(r for r in evals if r["test_accuracy"] >= 0.5)
+    assert summary["to_target"]["steps"] == first["step"]
+    for name in RUN_PLOTS:
+        _png(out_dir / f"{name}.png")
+    # The terminal table, with the numbers of summary.json.
+    assert "test accuracy" in out and f"{summary['test_accuracy']:.1%}" in out
+    assert f"{summary['steps']:,}" in out and "final batch size" in out
+
+
+def test_train_baseline_uses_constant_batch_and_two_devices(tmp_path, capsys):
+    out_dir = tmp_path / "sgd"
+    argv = ["train", *TINY, "--method", "sgd", "--batch-size", "32", "--devices", "2",
+            "--out", str(out_dir)]  # fmt: skip
+    code, _, err = _run(argv, capsys)
+    assert code == 0, err
+    rows = _read_jsonl(out_dir / "metrics.jsonl")
+    assert {r["batch_size"] for r in rows} == {32}
+    assert len(rows) == 640 // 32
+
+
+def test_compare_writes_report_with_table(tmp_path, capsys):
+    out_dir = tmp_path / "cmp"
+    argv = ["compare", *TINY, "--methods", "cabs,sgd", "--target", "0.5", "--out", str(out_dir)]
+    code, out, err = _run(argv, capsys)
+    assert code == 0, err
+    summaries = json.loads((out_dir / "summary.json").read_text())
+    assert list(summaries) == ["cabs", "sgd"]
+    report = (out_dir / "report.md").read_text()
+    lines = report.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("| method"))
+    assert "final test acc" in lines[header] and "steps to 50%" in lines[header]
+    assert "examples to 50%" in lines[header] and "time to 50%" in lines[header]
+    table = [line.split("|")[1:-1] for line in lines[header + 2 : header + 4]]
+    for cells, name in zip(table, ["cabs", "sgd"], strict=True):
+        s = summaries[name]
+        assert cells[0].strip() == name
+        assert cells[2].strip() == f"{s['test_accuracy']:.1%}"
+        reached = s["to_target"]
+        assert cells[3].strip() == ("—" if reached is None else f"{reached['steps']:,}")
+        assert s["examples"] == 640  # the same budget for every method
+        assert (out_dir / name / "metrics.jsonl").exists()
+    for name in ["compare_accuracy_vs_steps", "compare_accuracy_vs_examples",
+                 "compare_accuracy_vs_time", "compare_batch_size", "compare_overview"]:  # fmt: skip
+        _png(out_dir / f"{name}.png")
+        assert f"({name}.png)" in report
+    assert "cabs" in out and "sgd" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["train", "--method", "lbfgs"], "unknown method 'lbfgs'"),
+        (["train", "--dataset", "cifar"], "unknown dataset 'cifar'"),
+        (["train", "--model", "resnet"], "unknown model 'resnet'"),
+        (["train", "--min-batch-size", "64", "--max-batch-size", "16"], "--min-batch-size 64"),
+        (["train", "--min-batch-size", "0"], "--min-batch-size 0 must be >= 1"),
+        (["train", "--epochs", "-1"], "--epochs -1.0 must be a positive"),
+        (["train", "--lr", "0"], "--lr 0.0 must be a positive"),
+        (["train", "--devices", "64"], "--devices 64 but JAX sees"),
+        (["train", "--num-samples", "123"], "multiple of 10"),
+        (["train", "--target", "1.5"], "--target 1.5"),
+        (["compare", "--methods", "cabs,cabs"], "lists cabs twice"),
+        (["compare", "--methods", "cabs,nope"], "unknown method 'nope'"),
+        (["train", "--epochs", "1", "--examples", "5"], "not allowed with argument"),
+        (["train", "--min-batch-size", "many"], "invalid int value: 'many'"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(argv, says, capsys, tmp_path):
+    code, out, err = _run([*argv, "--out", str(tmp_path / "x")] if argv[0] != "frobnicate"
+                          else argv, capsys)  # fmt: skip
+    assert code == 2
+    assert says in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err and "fix" not in out
+    assert not (tmp_path / "x").exists()  # nothing created before the checks passed
+
+
+def test_out_dir_holding_another_run_is_refused(tmp_path, capsys):
+    out_dir = tmp_path / "held"
+    out_dir.mkdir()
+    (out_dir / "config.json").write_text("{}")
+    code, _, err = _run(["train", *TINY, "--out", str(out_dir)], capsys)
+    assert code == 2
+    assert "holds another run (config.json)" in err and "--overwrite" in err
+    assert (out_dir / "config.json").read_text() == "{}"  # untouched
+
+
+def test_console_entry_point_exit_code(tmp_path):
+    """``python -m adaptive_batch`` as a user runs it: exit 2, one line, no traceback."""
+    env = dict(os.environ, ADAPTIVE_BATCH_CACHE=str(tmp_path))
+    result = subprocess.run(
+        [sys.executable, "-m", "adaptive_batch", "train", "--method", "sdg"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "adaptive-batch train: error: unknown method 'sdg'; use one of " + ", ".join(METHODS) + "."
+    )
