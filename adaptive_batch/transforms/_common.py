@@ -63,7 +63,7 @@ def check_real(
         bad |= x >= high if high_open else x > high
     if bad:
         left = "(" if low_open else "["
-        right = ")" if high_open else "]"
+        right = ")" if high_open or high is None else "]"
         interval = (
             f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
         )
