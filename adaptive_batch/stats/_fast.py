@@ -35,6 +35,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from adaptive_batch.stats._fast_analysis import Plan, analyze, evaluate
 from adaptive_batch.stats._fast_rules import choose_rule, site_stats
@@ -94,9 +95,23 @@ def _explicit_mesh(batch):
 
 def _fast_sums(loss_fn, params, batch, mask, *, coordinates: bool, warn: bool):
     plan = build_plan(loss_fn, params, batch, coordinates=coordinates)
-    leaves, treedef = jax.tree.flatten(params)
+    _leaves, _treedef = jax.tree.flatten(params)
     if warn and plan.fallback:
         _warn_fallback(loss_fn, plan, params)
+
+    def zero_stats(params, batch, mask):
+        shapes = jax.eval_shape(functools.partial(_sums, plan, coordinates), params, batch, mask)
+        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+    # An all-padding batch (say the last micro-batch) has no real row to stand in for
+    # the padding, which may hold NaN: skip the work and return zeros.
+    return lax.cond(
+        jnp.any(mask), functools.partial(_sums, plan, coordinates), zero_stats, params, batch, mask
+    )
+
+
+def _sums(plan: Plan, coordinates: bool, params, batch, mask):
+    leaves, treedef = jax.tree.flatten(params)
     # Padding rows become copies of a real row: every value in them is then finite and
     # their zero weight in the summed loss makes their δ and gradients exactly 0, so no
     # recorded input or signal needs masking (which would cost a copy of each).
@@ -149,18 +164,12 @@ def _fast_sums(loss_fn, params, batch, mask, *, coordinates: bool, warn: bool):
         sq_norm.append(jnp.sum(jnp.square(g)))
     for i in plan.unused:
         grad_sum[i] = sq_sum[i] = jnp.zeros(jnp.shape(leaves[i]), _acc(leaves[i]))
-    count = jnp.sum(mask, dtype=jnp.float32)
-
-    def guarded(tree):
-        # All padding: the stand-in rows were padding too and may hold NaN.
-        return jax.tree.map(lambda x: jnp.where(count > 0, x, jnp.zeros_like(x)), tree)
-
     return GradStats(
-        count=count,
+        count=jnp.sum(mask, dtype=jnp.float32),
         loss_sum=jnp.sum(masked(losses, mask)),
-        grad_sum=guarded(jax.tree.unflatten(treedef, grad_sum)),
-        sq_norm_sum=guarded(sum(sq_norm) if sq_norm else jnp.zeros((), jnp.float32)),
-        sq_sum=guarded(jax.tree.unflatten(treedef, sq_sum)) if coordinates else None,
+        grad_sum=jax.tree.unflatten(treedef, grad_sum),
+        sq_norm_sum=sum(sq_norm) if sq_norm else jnp.zeros((), jnp.float32),
+        sq_sum=jax.tree.unflatten(treedef, sq_sum) if coordinates else None,
     )
 
 
@@ -183,20 +192,21 @@ def auto_sums(loss_fn, params, batch, mask, *, coordinates: bool):
 def fast_stats_report(loss_fn, params: PyTree, batch: PyTree, *, coordinates: bool = False):
     """Which rule the ``"fast"`` backend uses for each parameter leaf.
 
-    Returns a dict from the leaf's key path (``jax.tree_util.keystr``) to one of
-    ``"dense"`` (one position per example), ``"dense-gram"`` / ``"dense-products"``
-    (weights shared over positions), ``"conv-products"``, ``"embedding"``,
-    ``"elementwise"`` (scales, biases), ``"products"``, ``"unused"``, or
-    ``"fallback: <reason>"`` (exact per-example gradients for that leaf).
+        Returns a dict from the leaf's key path (``jax.tree_util.keystr``) to one of
+        ``"dense"`` (one position per example), ``"dense-gram"`` / ``"dense-products"``
+        (weights shared over positions), ``"conv-products"``, ``"embedding"``,
+        ``"elementwise"`` (scales, biases), ``"products"``, ``"unused"``, or
+        ``"fallback: <reason>"`` (exact per-example gradients for that leaf).
 
-    Example:
-      >>> import jax.numpy as jnp
-      >>> from adaptive_batch.stats import fast_stats_report
-      >>> def loss_fn(p, batch):
-      ...     return jnp.sum((batch @ p["w"] + p["b"]) ** 2, axis=-1)
-      >>> params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
-      >>> fast_stats_report(loss_fn, params, jnp.ones((4, 3)))
-      {"['b']": 'elementwise', "['w']": 'dense'}
+        Example:
+          >>> import jax.numpy as jnp
+    from jax import lax
+          >>> from adaptive_batch.stats import fast_stats_report
+          >>> def loss_fn(p, batch):
+          ...     return jnp.sum((batch @ p["w"] + p["b"]) ** 2, axis=-1)
+          >>> params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+          >>> fast_stats_report(loss_fn, params, jnp.ones((4, 3)))
+          {"['b']": 'elementwise', "['w']": 'dense'}
     """
     plan = build_plan(loss_fn, params, batch, coordinates=coordinates)
     rules = {site.view.leaf: site.rule for site in plan.sites.values()}

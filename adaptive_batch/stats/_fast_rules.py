@@ -159,10 +159,20 @@ def _dense_to_weight(site: Site, x):
 
 def _dense_outer(a, d, coordinates):
     a, d = a[:, :, 0], d[:, :, 0]  # one position
-    grad_sum = jnp.einsum("bhk,bhn->hkn", a, d)
-    sq_norm = jnp.sum(jnp.sum(a * a, -1) * jnp.sum(d * d, -1))
-    sq_sum = jnp.einsum("bhk,bhn->hkn", a * a, d * d) if coordinates else None
-    return grad_sum, sq_norm, sq_sum
+    if a.shape[1] == 1:  # no shared batch dims: plain matrix products, no transposed copies
+        a, d = a[:, 0], d[:, 0]
+        spec, rows = "bk,bn->kn", "bk,bk->b"
+    else:
+        spec, rows = "bhk,bhn->hkn", "bhk,bhk->bh"
+    grad_sum = jnp.einsum(spec, a, d)
+    # Row norms as contractions: XLA then does not materialise the squares.
+    sq_norm = jnp.sum(jnp.einsum(rows, a, a) * jnp.einsum(rows, d, d))
+    sq_sum = jnp.einsum(spec, a * a, d * d) if coordinates else None
+    return (
+        grad_sum.reshape(-1, *grad_sum.shape[-2:]),
+        sq_norm,
+        (None if sq_sum is None else sq_sum.reshape(-1, *sq_sum.shape[-2:])),
+    )
 
 
 def _dense_gram(a, d):
