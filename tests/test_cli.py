@@ -81,7 +81,7 @@ def test_train_writes_the_run_directory(tmp_path, capsys):
     summary = json.loads((out_dir / "summary.json").read_text())
     assert summary["steps"] == len(rows) and summary["examples"] == 640
     assert summary["test_accuracy"] == evals[-1]["test_accuracy"]
-    assert summary["final_batch_size"] == rows[-1]["batch_size"]
+    assert summary["final_batch_size"] >= rows[-1]["batch_size"]  # the last may be cut short
     assert summary["wall_time_s"] == pytest.approx(rows[-1]["wall_time"])
     assert summary["final_train_loss"] > 0 and summary["test_accuracy"] > 0.4  # chance: 0.25
     first = next(r for r in evals if r["test_accuracy"] >= 0.5)

@@ -41,7 +41,7 @@ class LoopConfig:
     examples: int  # the budget: training stops after this many examples
     seed: int = 0
     devices: int = 1
-    evals: int = 40  # evaluations on the test set spread over the budget
+    evals: int = 100  # evaluations on the test set spread over the budget
     stats_backend: str = "vmap"
 
 
@@ -143,6 +143,7 @@ def run(
     with Loader(dataset.train, seed=config.seed, sharding=sharding) as loader:
         while examples < config.examples:
             plan = controller.plan
+            # The last batch is cut to the budget, so every method sees exactly as many.
             take = min(plan.batch_size, config.examples - examples)
             start = time.perf_counter()
             batch = loader.next(BatchPlan(take, plan.padded_size))
@@ -191,6 +192,7 @@ def run(
         "steps": steps,
         "examples": examples,
         "wall_time_s": wall,
-        "final_batch_size": row.get("batch_size", 0),
+        # The batch size the method ran at, not the last batch cut short by the budget.
+        "final_batch_size": plan.batch_size if steps else 0,
         "diverged": not math.isfinite(row.get("loss", 0.0)),
     }

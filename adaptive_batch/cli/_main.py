@@ -80,7 +80,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         "4000 / 1000 split)",
     )  # fmt: skip
     p.add_argument(
-        "--evals", type=int, default=40, help="test-set evaluations spread over the budget"
+        "--evals", type=int, default=100, help="test-set evaluations spread over the budget"
     )
     p.add_argument(
         "--stats-backend", default="vmap", choices=("vmap", "fast", "auto"),

@@ -76,10 +76,17 @@ def _batch_panel(ax, rows: Rows, label: str | None = None, color=None) -> None:
 
 
 def _lr_panel(ax, rows: Rows) -> None:
-    steps = _column(rows, "step")
-    ax.plot(steps, _column(rows, "lr"), label="--lr (constant)")
-    ax.plot(steps, _smooth(_column(rows, "effective_lr")), label="effective ‖update‖/‖ḡ‖")
+    steps, lr = _column(rows, "step"), _column(rows, "lr")
+    effective = _column(rows, "effective_lr")
+    ax.plot(steps, lr, label="--lr")
+    ax.plot(steps, effective, lw=1, label="effective: ‖update‖ / ‖ḡ‖")
     ax.set_yscale("log")
+    values = np.concatenate([lr, effective])
+    values = values[np.isfinite(values) & (values > 0)]
+    if len(values):
+        # At least a decade shown, so a constant rate is a flat line, not round-off noise.
+        lo, hi = values.min(), values.max()
+        ax.set_ylim(min(lo, hi / 10) / 1.5, hi * 1.5)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("learning rate")
     ax.legend()

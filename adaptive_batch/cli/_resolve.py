@@ -17,7 +17,7 @@ from adaptive_batch.datasets import Dataset, load_dataset
 
 DATASET_NAMES = ("mnist1d", "digits", "synthetic")
 MODEL_NAMES = ("logreg", "mlp", "cnn")
-DEFAULT_EPOCHS = 60.0
+DEFAULT_EPOCHS = 100.0
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "report.md")
 
 
