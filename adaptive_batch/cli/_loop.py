@@ -175,9 +175,10 @@ def run(
             on_row(row)
             if progress is not None:
                 progress.update(batch.batch_size)
+                # tqdm's own rate counts evaluation pauses; this is examples / training time.
                 progress.set_postfix(
-                    batch=row["batch_size"], loss=f"{row['loss']:.3f}",
-                    ex_per_s=f"{examples / max(wall, 1e-9):.0f}", refresh=False,
+                    {"batch": row["batch_size"], "loss": f"{row['loss']:.3f}",
+                     "ex/s": f"{examples / max(wall, 1e-9):.0f}"}, refresh=False,
                 )  # fmt: skip
             if not math.isfinite(row["loss"]):
                 break

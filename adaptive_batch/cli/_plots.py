@@ -42,8 +42,17 @@ _X = {
 }
 
 
+def _x_axis(ax, x: str) -> None:
+    key, label = _X[x]
+    ax.set_xlabel(label)
+    if key == "examples":
+        from matplotlib.ticker import EngFormatter
+
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))  # 200k, not 200000
+
+
 def _loss_panel(ax, rows: Rows, x: str, label: str | None = None, color=None) -> None:
-    key, xlabel = _X[x]
+    key = _X[x][0]
     xs, losses = _column(rows, key), _column(rows, "loss")
     ax.plot(xs, _smooth(losses), color=color, label=label or "train (batch, smoothed)")
     if label is None:
@@ -53,17 +62,17 @@ def _loss_panel(ax, rows: Rows, x: str, label: str | None = None, color=None) ->
         )  # fmt: skip
         ax.legend()
     ax.set_yscale("log")
-    ax.set_xlabel(xlabel)
+    _x_axis(ax, x)
     ax.set_ylabel("loss")
 
 
 def _accuracy_panel(ax, rows: Rows, x: str, label: str | None = None, color=None) -> None:
-    key, xlabel = _X[x]
+    key = _X[x][0]
     ax.plot(
         _column(rows, key, "test_accuracy"), _column(rows, "test_accuracy", "test_accuracy"),
         "o-", ms=3, color=color, label=label,
     )  # fmt: skip
-    ax.set_xlabel(xlabel)
+    _x_axis(ax, x)
     ax.set_ylabel("test accuracy")
     ax.grid(alpha=0.3)
 

@@ -87,6 +87,7 @@ def train_one(
 
         bar = tqdm(
             total=budget, unit="ex", unit_scale=True, dynamic_ncols=True, file=sys.stderr,
+            mininterval=0.5,
             desc=f"{method.name} {options.dataset}/{options.model}",
         )  # fmt: skip
     with open(out / "metrics.jsonl", "w") as metrics_file:
