@@ -195,7 +195,7 @@ def stats_are_finite(stats: GradStats) -> jax.Array:
         scalars += [jnp.sum(leaf) for leaf in jax.tree.leaves(stats.sq_sum)]
     if stats.inner_sum is not None:
         scalars += [stats.inner_sum, stats.inner_sq_sum]
-    return jnp.all(jnp.stack([jnp.isfinite(jnp.asarray(s, jnp.float32)) for s in scalars]))
+    return jnp.all(jnp.stack([jnp.isfinite(s) for s in scalars]))
 
 
 def tree_is_finite(tree: PyTree) -> jax.Array:
