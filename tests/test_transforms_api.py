@@ -225,3 +225,19 @@ def test_cabs_negative_running_loss_gives_the_cap():
         jnp.zeros(2), tx.init(jnp.zeros(2)), grad_stats=stats_from(G, -100.0 * np.ones(8))
     )[1]
     assert float(state.loss_avg) < 0 and int(state.batch_size) == 256
+
+
+def test_rules_run_inside_multisteps():
+    stats_fn = ab.per_example_stats(loss_fn)
+    tx = optax.MultiSteps(ab.adadagrad_norm(0.1, eta=0.2, min_batch_size=4), every_k_schedule=2)
+    w = jnp.zeros(3)
+    state = tx.init(w)
+    rng = np.random.default_rng(1)
+    update = jax.jit(tx.update)
+    for _ in range(4):
+        batch = {"x": jnp.asarray(rng.normal(size=(8, 3))), "y": jnp.asarray(rng.normal(size=8))}
+        stats = stats_fn(w, batch)
+        updates, state = update(stats.mean_grad, state, w, grad_stats=stats)
+        w = optax.apply_updates(w, updates)
+    assert int(state.gradient_step) == 2
+    assert int(ab.suggested_batch_size(state)) > 4  # the test ran on the emitted steps
