@@ -12,10 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from sklearn import datasets
 
 import adaptive_batch as ab
-
-datasets = pytest.importorskip("sklearn.datasets")
 
 
 @pytest.fixture(scope="module")
