@@ -210,3 +210,30 @@ def test_fit_rejects_bad_arguments():
         loader.request(5)
         with pytest.raises(RuntimeError, match="requested"):
             ab.fit(step, state, loader, controller, steps=1)
+
+
+def test_data_parallel_fit_matches_single_device_fit():
+    devices = jax.device_count()  # 8 simulated CPU devices (tests/conftest.py)
+    mesh = jax.make_mesh((devices,), ("data",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    tx = optax.chain(grow_rule(factor=1.3, start=8), optax.sgd(0.05))
+    step = ab.make_train_step(loss_fn, tx)
+    w = jnp.zeros(FEATURES)
+    results = []
+    for placement in (None, sharding):
+        controller = ab.BatchSizeController(
+            8, 64, multiple_of=devices, max_microbatch_size=32, lag=1
+        )
+        with CompileEvents() as events:
+            results.append(
+                ab.fit(
+                    ab.make_train_step(loss_fn, tx), (w, tx.init(w)), make_source(400), controller,
+                    steps=14, sharding=placement, compile_ahead=True, progress=False,
+                )
+            )  # fmt: skip
+        assert events.count(step.name) <= len(controller.buckets)
+    single, parallel = results
+    assert parallel.history.column("batch_size") == single.history.column("batch_size")
+    assert max(parallel.history.column("num_microbatches")) == 2
+    np.testing.assert_allclose(parallel.state[0], single.state[0], rtol=1e-5, atol=1e-6)
+    assert parallel.state[0].sharding.is_fully_replicated

@@ -41,10 +41,12 @@ def digits():
     return train, test
 
 
-def run(step, state, train, method):
+def run(step, state, train, method, eval_fn=None):
     _, monotone, epochs = METHODS[method]
     controller = ab.BatchSizeController(16, 256, monotone=monotone, lag=1)
-    return ab.fit(step, state, train, controller, epochs=epochs, progress=False, seed=1)
+    return ab.fit(
+        step, state, train, controller, epochs=epochs, progress=False, seed=1, eval_fn=eval_fn
+    )
 
 
 class NnxMLP(nnx.Module):
@@ -76,11 +78,17 @@ def test_nnx_loop_trains_digits(digits, method):
     def loss_fn(model, batch):
         return optax.softmax_cross_entropy_with_integer_labels(model(batch["x"]), batch["y"])
 
-    result = run(ab.make_nnx_train_step(loss_fn), (model, optimizer), train, method)
+    def eval_fn(state):  # gets the model with the trained parameters written back
+        model, _ = state
+        return {"accuracy": accuracy(model(x_test), y_test)}
+
+    step = ab.make_nnx_train_step(loss_fn)
+    result = run(step, (model, optimizer), train, method, eval_fn)
 
     assert result.state[0] is model and result.state[1] is optimizer  # updated in place
     assert int(optimizer.step[...]) == result.steps
     after = accuracy(model(x_test), y_test)
+    assert result.history.evals[-1]["accuracy"] == after
     assert before < 0.3 and after >= 0.9, (before, after)
     assert result.compiles <= len(result.controller.buckets)
     assert max(result.history.column("batch_size")) > 16  # the method grew the batch

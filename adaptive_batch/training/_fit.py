@@ -159,6 +159,8 @@ def fit(
 
     bar = _progress_bar(progress, max_steps, max_examples)
     carry = step.to_carry(state)
+    if loader.sharding is not None:
+        carry = _replicate_uncommitted(carry, loader.sharding)
     pending: list[tuple[dict, dict]] = []
     done, seen = 0, 0
     start = time.perf_counter()
@@ -235,6 +237,26 @@ def _check_budget(steps, epochs, examples) -> None:
             raise ValueError(f"{name}={value!r} must be a positive int (or None).")
     if epochs is not None and not (isinstance(epochs, int | float) and 0 < epochs < math.inf):
         raise ValueError(f"epochs={epochs!r} must be a positive number of epochs (or None).")
+
+
+def _replicate_uncommitted(tree, sharding):
+    """Replicate the arrays the user did not place over the devices the batches go to.
+
+    A step's outputs are committed to those devices; replicating its inputs up front
+    gives the first step the same compiled shape (and cache entry) as all later ones.
+    """
+    mesh = getattr(sharding, "mesh", None)
+    if not isinstance(mesh, jax.sharding.Mesh):
+        devices = sorted(sharding.device_set, key=lambda d: d.id)
+        mesh = jax.sharding.Mesh(np.array(devices), ("devices",))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def place(x):
+        if isinstance(x, jax.Array) and not x.committed:
+            return jax.device_put(x, replicated)
+        return x
+
+    return jax.tree.map(place, tree)
 
 
 def _flush(pending: list[tuple[dict, dict]]) -> None:
