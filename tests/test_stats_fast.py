@@ -307,6 +307,23 @@ def test_batch_sharded_over_devices():
     assert_stats_close(vmap, fast)
 
 
+def test_inside_shard_map_sums_per_device_then_psum():
+    mesh = jax.make_mesh((4,), ("data",), devices=jax.devices()[:4])
+    params, batch = mlp_params(), mlp_batch(n=8)
+    stats_fn = per_example_stats(mlp_loss, backend="fast", coordinates=True)
+    step = jax.jit(
+        jax.shard_map(
+            lambda p, b: jax.lax.psum(stats_fn(p, b), "data"),
+            mesh=mesh,
+            in_specs=(PartitionSpec(), PartitionSpec("data")),
+            out_specs=PartitionSpec(),
+        )
+    )
+    fast = step(params, jax.device_put(batch, NamedSharding(mesh, PartitionSpec("data"))))
+    vmap = per_example_stats(mlp_loss, backend="vmap", coordinates=True)(params, batch)
+    assert_stats_close(vmap, fast)
+
+
 def test_unused_parameter_gives_zeros():
     params = {"w": jnp.ones((3, 2)), "unused": jnp.ones(4)}
     batch = jax.random.normal(keys(1)[0], (5, 3))

@@ -100,8 +100,9 @@ def _fast_sums(loss_fn, params, batch, mask, *, coordinates: bool, warn: bool):
         _warn_fallback(loss_fn, plan, params)
 
     def zero_stats(params, batch, mask):
-        shapes = jax.eval_shape(functools.partial(_sums, plan, coordinates), params, batch, mask)
-        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        # zeros_like of the traced sums: same types (device axes included); XLA drops the
+        # unused computation.
+        return jax.tree.map(jnp.zeros_like, _sums(plan, coordinates, params, batch, mask))
 
     # An all-padding batch (say the last micro-batch) has no real row to stand in for
     # the padding, which may hold NaN: skip the work and return zeros.

@@ -28,6 +28,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 from jax.extend import core
 
 Path = tuple[int, ...]
@@ -154,6 +156,36 @@ def analyze(closed_jaxpr, num_leaves: int) -> Plan:
     return Plan(closed_jaxpr, num_leaves, sites, frozenset(inline), fallback, frozenset(unused))
 
 
+def bind(eqn, *args, params=None):
+    """Bind ``eqn``'s primitive to ``args``, first making every argument vary over the
+    same ``shard_map`` axes: the traced jaxpr knows no device axes, while inside
+    ``shard_map`` the batch and the params vary over them and constants do not."""
+    axes = set().union(*(_varying_axes(a) for a in args))
+    if axes:
+        args = [_vary(a, axes) for a in args]
+    params = eqn.primitive.get_bind_params(eqn.params) if params is None else params
+    return eqn.primitive.bind(*args, **params)
+
+
+def _varying_axes(x) -> set:
+    aval = jax.typeof(x)
+    manual_axes = getattr(aval, "mat", None)  # the attribute moved across JAX versions
+    if manual_axes is not None:
+        return set(manual_axes.varying)
+    return set(getattr(aval, "vma", ()))
+
+
+def _vary(x, axes):
+    missing = tuple(sorted(axes - _varying_axes(x)))
+    return jax.lax.pcast(jnp.asarray(x), missing, to="varying") if missing else x
+
+
+def vary_like(x, reference):
+    """``x`` made to vary over the ``shard_map`` axes that ``reference`` varies over."""
+    axes = _varying_axes(reference)
+    return _vary(x, axes) if axes else x
+
+
 def evaluate(plan: Plan, args: Sequence[Any], perturbations: dict[Path, Any]):
     """Run the per-example jaxpr, adding ``perturbations[path]`` to each site's output.
 
@@ -179,7 +211,7 @@ def evaluate(plan: Plan, args: Sequence[Any], perturbations: dict[Path, Any]):
                 outs = run(body, body_consts, invals, path)
             else:
                 with eqn.ctx.manager:
-                    outs = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+                    outs = bind(eqn, *invals)
                 if not eqn.primitive.multiple_results:
                     outs = [outs]
                 site = plan.sites.get(path)

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from adaptive_batch.stats._fast_analysis import Site
+from adaptive_batch.stats._fast_analysis import Site, bind, vary_like
 from adaptive_batch.stats._fast_conv import conv_unfold, is_plain_conv
 
 
@@ -103,10 +103,10 @@ def chain_transpose(site: Site, leaf_aval, cotangent):
     def chain(w):
         for eqn in site.view.chain:
             if eqn.primitive.name != "convert_element_type":
-                w = eqn.primitive.bind(w, **eqn.primitive.get_bind_params(eqn.params))
+                w = bind(eqn, w)
         return w
 
-    primal = jnp.zeros(leaf_aval.shape, cotangent.dtype)
+    primal = vary_like(jnp.zeros(leaf_aval.shape, cotangent.dtype), cotangent)
     return jax.vjp(chain, primal)[1](cotangent)[0]
 
 
@@ -248,9 +248,10 @@ def _products(site: Site, records, delta, coordinates):
         def site_fn(w):
             operands = list(recs)
             operands.insert(pos, w)
-            return eqn.primitive.bind(*operands, **bind_params)
+            return bind(eqn, *operands, params=bind_params)
 
-        g = jax.vjp(site_fn, jnp.zeros(w_aval.shape, w_aval.dtype))[1](d.astype(out_dtype))[0]
+        w = vary_like(jnp.zeros(w_aval.shape, w_aval.dtype), d)
+        g = jax.vjp(site_fn, w)[1](d.astype(out_dtype))[0]
         return g.astype(d.dtype)
 
     per_example = jax.vmap(one)
