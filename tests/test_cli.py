@@ -120,9 +120,9 @@ def test_compare_writes_report_with_table(tmp_path, capsys):
     for cells, name in zip(table, ["cabs", "sgd"], strict=True):
         s = summaries[name]
         assert cells[0].strip() == name
-        assert cells[2].strip() == f"{s['test_accuracy']:.1%}"
+        assert cells[3].strip() == f"{s['test_accuracy']:.1%}"
         reached = s["to_target"]
-        assert cells[3].strip() == ("—" if reached is None else f"{reached['steps']:,}")
+        assert cells[4].strip() == ("—" if reached is None else f"{reached['steps']:,}")
         assert s["examples"] == 640  # the same budget for every method
         assert (out_dir / name / "metrics.jsonl").exists()
     for name in ["compare_accuracy_vs_steps", "compare_accuracy_vs_examples",

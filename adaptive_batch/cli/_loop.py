@@ -43,6 +43,7 @@ class LoopConfig:
     devices: int = 1
     evals: int = 100  # evaluations on the test set spread over the budget
     stats_backend: str = "vmap"
+    tolerance: float | None = None  # the test's η / θ; None: the method's default
 
 
 def _masked_mean(values, mask):
@@ -116,7 +117,8 @@ def run(
     evaluation steps). ``progress`` is a tqdm-like bar advanced by examples.
     """
     method = config.method
-    tx = method.make(config.lr, config.min_batch_size, config.max_batch_size)
+    tolerance = method.default_tolerance if config.tolerance is None else config.tolerance
+    tx = method.make(config.lr, config.min_batch_size, config.max_batch_size, tolerance)
     step_fn = make_step(fns, tx, method, config.stats_backend)
     evaluate = make_evaluate(fns)
     if method.adaptive:

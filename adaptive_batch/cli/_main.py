@@ -69,6 +69,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         "--lr", type=float, default=None,
         help="learning rate; default: the method's (listed below)",
     )  # fmt: skip
+    p.add_argument(
+        "--eta", type=float, default=None,
+        help="tolerance of the batch-size tests (η of norm-test, adadagrad, adadagrad-norm; "
+        "θ of the inner-product tests); larger = smaller batches; default: the method's",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of the model and the data order")
     p.add_argument(
         "--devices", type=int, default=1,

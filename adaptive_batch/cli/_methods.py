@@ -30,7 +30,9 @@ class Method:
       name: the command-line name.
       adaptive: True if the method suggests batch sizes (needs per-example statistics).
       default_lr: the learning rate when ``--lr`` is not given.
-      make: ``make(lr, min_batch_size, max_batch_size) -> optax transform``.
+      make: ``make(lr, min_batch_size, max_batch_size, tolerance) -> optax transform``.
+      default_tolerance: the test tolerance (η of the norm tests, θ of the
+        inner-product tests) when ``--eta`` is not given; None: the method has no test.
       coordinates, inner: which extra statistics `adaptive_batch.per_example_stats`
         must return.
       monotone: the controller may only grow the batch (False for CABS, which shrinks
@@ -41,8 +43,9 @@ class Method:
     name: str
     adaptive: bool
     default_lr: float
-    make: Callable[[float, int, int], optax.GradientTransformation]
+    make: Callable[[float, int, int, float], optax.GradientTransformation]
     summary: str
+    default_tolerance: float | None = None
     coordinates: bool = False
     inner: bool = False
     monotone: bool = True
@@ -57,60 +60,68 @@ METHODS: dict[str, Method] = {
     for m in [
         Method(
             "cabs", True, 0.3,
-            lambda lr, lo, hi: ab.cabs(lr, **_bounds(lo, hi)),
+            lambda lr, lo, hi, tol: ab.cabs(lr, **_bounds(lo, hi)),
             "CABS: batch = lr·tr Σ / loss, plain SGD (Balles et al. 2017)",
             monotone=False,
         ),
         Method(
             "norm-test", True, 0.3,
-            lambda lr, lo, hi: optax.chain(ab.norm_test(0.1, **_bounds(lo, hi)), optax.sgd(lr)),
-            "norm test (eta=0.1) + SGD (Byrd et al. 2012)",
+            lambda lr, lo, hi, tol: optax.chain(
+                ab.norm_test(tol, **_bounds(lo, hi)), optax.sgd(lr)
+            ),
+            "norm test (--eta: η, default 0.1) + SGD (Byrd et al. 2012)",
+            default_tolerance=0.1,
         ),
         Method(
             "inner-product-test", True, 0.3,
-            lambda lr, lo, hi: optax.chain(
-                ab.inner_product_test(0.1, **_bounds(lo, hi)), optax.sgd(lr)
+            lambda lr, lo, hi, tol: optax.chain(
+                ab.inner_product_test(tol, **_bounds(lo, hi)), optax.sgd(lr)
             ),
-            "inner-product test (theta=0.1) + SGD (Bollapragada et al. 2018)",
+            "inner-product test (--eta: θ, default 0.1) + SGD (Bollapragada et al. 2018)",
+            default_tolerance=0.1,
             inner=True,
         ),
         Method(
             "augmented-test", True, 0.3,
-            lambda lr, lo, hi: optax.chain(
-                ab.augmented_inner_product_test(0.5, 1.0, **_bounds(lo, hi)), optax.sgd(lr)
+            lambda lr, lo, hi, tol: optax.chain(
+                ab.augmented_inner_product_test(tol, 2 * tol, **_bounds(lo, hi)), optax.sgd(lr)
             ),
-            "augmented inner-product test (theta=0.5, nu=1) + SGD",
+            "augmented inner-product test (--eta: θ, default 0.5; ν = 2θ) + SGD",
+            default_tolerance=0.5,
             inner=True,
         ),
         Method(
             "adadagrad", True, 0.03,
-            lambda lr, lo, hi: ab.adadagrad(lr, eta=0.1, **_bounds(lo, hi)),
-            "AdAdaGrad: coordinate-wise norm test + AdaGrad (Lau et al. 2024)",
+            lambda lr, lo, hi, tol: ab.adadagrad(lr, eta=tol, **_bounds(lo, hi)),
+            "AdAdaGrad: coordinate-wise norm test (--eta, default 0.1) + AdaGrad "
+            "(Lau et al. 2024)",
+            default_tolerance=0.1,
             coordinates=True,
         ),
         Method(
             "adadagrad-norm", True, 0.1,
-            lambda lr, lo, hi: ab.adadagrad_norm(lr, eta=0.1, **_bounds(lo, hi)),
-            "AdAdaGradNorm: norm test + AdaGrad-Norm (Lau et al. 2024)",
+            lambda lr, lo, hi, tol: ab.adadagrad_norm(lr, eta=tol, **_bounds(lo, hi)),
+            "AdAdaGradNorm: norm test (--eta, default 0.1) + AdaGrad-Norm (Lau et al. 2024)",
+            default_tolerance=0.1,
         ),
         Method(
             "sgd", False, 0.3,
-            lambda lr, lo, hi: optax.sgd(lr),
+            lambda lr, lo, hi, tol: optax.sgd(lr),
             "constant batch, plain SGD",
         ),
         Method(
             "adagrad", False, 0.03,
-            lambda lr, lo, hi: optax.chain(scale_by_adagrad_torch(), optax.scale(-lr)),
+            lambda lr, lo, hi, tol: optax.chain(scale_by_adagrad_torch(), optax.scale(-lr)),
             "constant batch, AdaGrad (PyTorch semantics, as AdAdaGrad's step)",
         ),
         Method(
             "adagrad-norm", False, 0.1,
-            lambda lr, lo, hi: optax.chain(ab.scale_by_adagrad_norm(), optax.scale(-lr)),
+            lambda lr, lo, hi, tol: optax.chain(ab.scale_by_adagrad_norm(), optax.scale(-lr)),
             "constant batch, AdaGrad-Norm (as AdAdaGradNorm's step)",
         ),
         Method(
             "adam", False, 0.01,
-            lambda lr, lo, hi: optax.adam(lr),
+            lambda lr, lo, hi, tol: optax.adam(lr),
             "constant batch, Adam (the published MNIST-1D baselines use lr 1e-2)",
         ),
     ]

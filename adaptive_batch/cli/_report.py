@@ -65,8 +65,9 @@ def compare_table(summaries: dict[str, dict[str, Any]], target: float, markdown:
     """One row per method: final test accuracy, and steps / examples / wall time to the
     target accuracy ("—" where it was not reached)."""
     header = [
-        "method", "lr", "final test acc", f"steps to {target:.0%}", f"examples to {target:.0%}",
-        f"time to {target:.0%} (s)", "steps", "final batch", "wall time (s)",
+        "method", "lr", "η/θ", "final test acc", f"steps to {target:.0%}",
+        f"examples to {target:.0%}", f"time to {target:.0%} (s)", "steps", "final batch",
+        "wall time (s)",
     ]  # fmt: skip
     body = []
     for name, s in summaries.items():
@@ -75,6 +76,7 @@ def compare_table(summaries: dict[str, dict[str, Any]], target: float, markdown:
             [
                 name,
                 f"{s['lr']:g}",
+                "—" if s.get("tolerance") is None else f"{s['tolerance']:g}",
                 f"{s['test_accuracy']:.1%}",
                 "—" if reached is None else f"{reached['steps']:,}",
                 "—" if reached is None else f"{reached['examples']:,}",

@@ -38,6 +38,7 @@ class Options:
     num_samples: int
     evals: int
     stats_backend: str
+    eta: float | None = None
 
     def budget(self, dataset: Dataset) -> int:
         """The examples budget: ``--examples``, or ``--epochs`` × training-set size."""
@@ -93,6 +94,8 @@ def common(args) -> Options:
         _positive_int("--examples", args.examples)
     if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
         raise UsageError(f"--lr {args.lr} must be a positive number, e.g. --lr 0.1.")
+    if args.eta is not None and not (math.isfinite(args.eta) and args.eta > 0):
+        raise UsageError(f"--eta {args.eta} must be a positive number, e.g. --eta 0.5.")
     _positive_int("--evals", args.evals)
     _positive_int("--devices", args.devices)
     import jax
@@ -115,6 +118,7 @@ def common(args) -> Options:
         min_batch_size=args.min_batch_size, max_batch_size=args.max_batch_size,
         batch_size=batch_size, lr=args.lr, seed=args.seed, devices=args.devices,
         num_samples=args.num_samples, evals=args.evals, stats_backend=args.stats_backend,
+        eta=args.eta,
     )  # fmt: skip
 
 

@@ -63,7 +63,7 @@ def train_one(
         method=method, lr=lr, min_batch_size=options.min_batch_size,
         max_batch_size=options.max_batch_size, batch_size=options.batch_size,
         examples=budget, seed=options.seed, devices=options.devices, evals=options.evals,
-        stats_backend=options.stats_backend,
+        stats_backend=options.stats_backend, tolerance=options.eta,
     )  # fmt: skip
     import jax
 
@@ -72,6 +72,7 @@ def train_one(
         "command": "adaptive-batch " + " ".join(sys.argv[1:] if argv is None else argv),
         "method": method.name, "method_summary": method.summary, "adaptive": method.adaptive,
         "lr": lr, "examples_budget": budget, "target": target,
+        "tolerance": method.default_tolerance if options.eta is None else options.eta,
         **{k: v for k, v in dataclasses.asdict(options).items() if k != "lr"},
         "dataset_info": {**dataset.info, "num_train": dataset.num_train,
                          "num_test": dataset.num_test, "input_shape": dataset.input_shape,
@@ -101,7 +102,8 @@ def train_one(
         finally:
             if bar is not None:
                 bar.close()
-    summary = {"method": method.name, "lr": lr, "dataset": options.dataset,
+    summary = {"method": method.name, "lr": lr, "tolerance": config["tolerance"],
+               "dataset": options.dataset,
                "model": options.model, **summary}  # fmt: skip
     if target is not None:
         summary["target"] = target
