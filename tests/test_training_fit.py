@@ -237,3 +237,22 @@ def test_data_parallel_fit_matches_single_device_fit():
     assert max(parallel.history.column("num_microbatches")) == 2
     np.testing.assert_allclose(parallel.state[0], single.state[0], rtol=1e-5, atol=1e-6)
     assert parallel.state[0].sharding.is_fully_replicated
+
+
+def test_fill_buckets_uses_the_padding_rows_for_real_examples():
+    tx = optax.chain(grow_rule(factor=1.3, start=10), optax.sgd(0.01))
+    step = ab.make_train_step(loss_fn, tx)
+    w = jnp.zeros(FEATURES)
+    controller = ab.BatchSizeController(10, 100, buckets="pow2")  # buckets 16, 32, 64, 100
+    result = ab.fit(
+        step, (w, tx.init(w)), make_source(500), controller, examples=700, fill_buckets=True,
+        progress=False,
+    )  # fmt: skip
+    steps = result.history.steps
+    # 16 real rows -> asks 21 -> bucket 32, filled -> asks 42 -> 64 -> asks 84 -> 100.
+    assert [r["padded_size"] for r in steps[:4]] == [16, 32, 64, 100]
+    for record in steps[:-1]:
+        assert record["batch_size"] == record["padded_size"]
+    assert result.examples == 700 and steps[-1]["batch_size"] <= steps[-1]["padded_size"]
+    # The rule sees the filled batches: it asks for 1.3 times what it got.
+    assert steps[0]["suggested"] == math.ceil(16 * 1.3)

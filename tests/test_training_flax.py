@@ -115,3 +115,27 @@ def test_linen_loop_trains_digits(digits, method):
     assert result.compiles <= len(result.controller.buckets)
     assert max(result.history.column("batch_size")) > 16
     assert int(ab.suggested_batch_size(trained.opt_state)) == result.history.steps[-1]["suggested"]
+
+
+def test_nnx_step_with_plain_optax_equals_nnx_grad_update(digits):
+    """A plain Optax transform (no grad_stats) through the NNX step: same parameters as
+    ``nnx.grad`` of the mean loss and ``optimizer.update`` written by hand."""
+    train, _ = digits
+    batch = {"x": train["x"][:64], "y": train["y"][:64]}
+
+    def loss_fn(model, batch):
+        return optax.softmax_cross_entropy_with_integer_labels(model(batch["x"]), batch["y"])
+
+    models = [NnxMLP(nnx.Rngs(3)) for _ in range(2)]
+    optimizers = [nnx.Optimizer(m, optax.adam(0.01), wrt=nnx.Param) for m in models]
+    step = ab.make_nnx_train_step(loss_fn)
+    for _ in range(2):
+        step(models[0], optimizers[0], batch)
+        grads = nnx.grad(lambda m: jnp.mean(loss_fn(m, batch)))(models[1])
+        optimizers[1].update(models[1], grads)
+    for a, b in zip(
+        jax.tree.leaves(nnx.state(models[0], nnx.Param)),
+        jax.tree.leaves(nnx.state(models[1], nnx.Param)),
+        strict=True,
+    ):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

@@ -7,6 +7,7 @@ import functools
 from typing import Any
 
 import jax
+import optax
 from flax import nnx
 
 from adaptive_batch.training._metrics import step_metrics
@@ -55,7 +56,10 @@ class NnxTrainStep(TrainStep):
         stats = self.stats(
             optimizer.tx, params, optimizer.opt_state, data, mask, num_microbatches, loss_fn
         )
-        optimizer.update(model, stats.mean_grad, grad_stats=stats)
+        if isinstance(optimizer.tx, optax.GradientTransformationExtraArgs):
+            optimizer.update(model, stats.mean_grad, grad_stats=stats)
+        else:  # a plain Optax transform takes no extra arguments
+            optimizer.update(model, stats.mean_grad)
         metrics = step_metrics(stats, nnx.as_pure(optimizer.opt_state))
         return NnxCarry(carry.graphdef, nnx.state((model, optimizer))), metrics
 

@@ -11,7 +11,6 @@ shape per bucket of the `BatchSizeController`, so it compiles at most once per b
 from __future__ import annotations
 
 import concurrent.futures
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -104,7 +103,8 @@ class TrainStep:
             )
         self.loss_fn = loss_fn
         self._coordinates, self._inner = coordinates, inner
-        self._options: tuple[bool, bool] | None = None
+        self._options: dict[Any, tuple[bool, bool]] = {}  # per transform: (coordinates, inner)
+        self._stats_fns: dict[tuple[bool, bool], Any] = {}
         self._stats_kwargs = {"backend": backend, "microbatch_size": stats_microbatch_size}
         # Validate the statistics options now rather than at the first step.
         per_example_stats(loss_fn, **self._stats_kwargs)
@@ -121,19 +121,22 @@ class TrainStep:
 
     # ------------------------------------------------------------------ statistics
 
-    @functools.cache  # noqa: B019 - one per (step, options); steps live as long as a run
     def _stats_fn(self, coordinates: bool, inner: bool):
-        return per_example_stats(
-            self.loss_fn, coordinates=coordinates, inner=inner, **self._stats_kwargs
-        )
+        key = (coordinates, inner)
+        if key not in self._stats_fns:
+            self._stats_fns[key] = per_example_stats(
+                self.loss_fn, coordinates=coordinates, inner=inner, **self._stats_kwargs
+            )
+        return self._stats_fns[key]
 
     def stats(self, tx, params, opt_state, data, mask, num_microbatches, loss_fn=None) -> GradStats:
         """The batch's `GradStats`, with the sums ``tx`` needs (traced, inside the step)."""
-        if self._options is None:
+        if tx not in self._options:
             # Plain arrays, as tx.update sees them (Flax NNX wraps them in Variables).
             pure = nnx.as_pure((params, opt_state))
-            self._options = needed_stats(tx, *pure, self._coordinates, self._inner)
-        coordinates, inner = self._options
+            extra_args_tx = optax.with_extra_args_support(tx)
+            self._options[tx] = needed_stats(extra_args_tx, *pure, self._coordinates, self._inner)
+        coordinates, inner = self._options[tx]
         if loss_fn is None:
             stats_fn = self._stats_fn(coordinates, inner and num_microbatches == 1)
             loss_fn = self.loss_fn
