@@ -76,7 +76,15 @@ def test_train_writes_the_run_directory(tmp_path, capsys):
     assert running == 640
     assert all(b["wall_time"] >= a["wall_time"] for a, b in itertools.pairwise(rows))
     evals = [r for r in rows if "test_accuracy" in r]
-    assert len(evals) == 4 and evals[-1] is rows[-1]
+
+    # At steps 1, 2, 4, 8, ... and at each step that crosses a multiple of 640 / 4 examples.
+    def crosses_mark(row):
+        before = row["examples"] - row["batch_size"]
+        return any(before < mark <= row["examples"] for mark in (160, 320, 480, 640))
+
+    expected = [r["step"] for r in rows if r["step"] & (r["step"] - 1) == 0 or crosses_mark(r)]
+    assert [r["step"] for r in evals] == expected
+    assert evals[-1] is rows[-1]
 
     summary = json.loads((out_dir / "summary.json").read_text())
     assert summary["steps"] == len(rows) and summary["examples"] == 640

@@ -170,10 +170,14 @@ def run(
                 suggested = int(metrics["suggested_batch_size"])
                 row["suggested_batch_size"] = suggested
                 controller.next(suggested)
-            if examples >= next_eval or examples >= config.examples:
+            # Evaluations every budget/evals examples, and at steps 1, 2, 4, 8, ... so that
+            # steps-to-target is resolved early on for methods that take many small steps.
+            power_of_two = steps & (steps - 1) == 0
+            if examples >= next_eval or examples >= config.examples or power_of_two:
                 test_loss, test_accuracy = jax.device_get(evaluate(params, test_data))
                 row["test_loss"], row["test_accuracy"] = float(test_loss), float(test_accuracy)
-                next_eval += eval_every
+                while next_eval <= examples:
+                    next_eval += eval_every
             on_row(row)
             if progress is not None:
                 progress.update(batch.batch_size)

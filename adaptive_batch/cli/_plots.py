@@ -145,9 +145,17 @@ def compare_plots(runs: dict[str, Rows], out: Path, title: str, target: float) -
 
         return wrapped
 
+    def log_steps(draw):
+        # Step counts differ by orders of magnitude between methods (that is the point).
+        def wrapped(ax):
+            draw(ax)
+            ax.set_xscale("log")
+
+        return wrapped
+
     panels = {
-        "compare_accuracy_vs_steps": with_target(
-            lambda ax, r, n, c: _accuracy_panel(ax, r, "step", n, c)
+        "compare_accuracy_vs_steps": log_steps(
+            with_target(lambda ax, r, n, c: _accuracy_panel(ax, r, "step", n, c))
         ),
         "compare_accuracy_vs_examples": with_target(
             lambda ax, r, n, c: _accuracy_panel(ax, r, "examples", n, c)
@@ -158,7 +166,9 @@ def compare_plots(runs: dict[str, Rows], out: Path, title: str, target: float) -
         "compare_loss_vs_examples": lambda ax: overlay(
             ax, lambda ax, r, n, c: _loss_panel(ax, r, "examples", n, c)
         ),
-        "compare_batch_size": lambda ax: overlay(ax, lambda ax, r, n, c: _batch_panel(ax, r, n, c)),
+        "compare_batch_size": log_steps(
+            lambda ax: overlay(ax, lambda ax, r, n, c: _batch_panel(ax, r, n, c))
+        ),
     }
     paths = []
     for name, draw in panels.items():
