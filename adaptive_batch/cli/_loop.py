@@ -6,6 +6,12 @@ padded (bucketed) shape to compile; the step computes the per-example statistics
 an adaptive method) or a plain gradient (for a constant-batch baseline), updates the
 parameters, and returns the batch size the method wants next. Wall time counts the
 steps (compilation included, as a user waits for it) and not the evaluations.
+
+Why not `adaptive_batch.training.fit`: a comparison on one examples budget needs
+test evaluations spaced by examples (``fit`` spaces them by steps, and prints a line
+for each), wall time without the evaluations, and constant-batch baselines that take
+a plain gradient (``make_train_step`` computes per-example statistics for every
+optimizer, which would charge the baselines the adaptive methods' cost).
 """
 
 from __future__ import annotations
