@@ -152,19 +152,33 @@ def methods_for(loss_fn, with_vmap: bool):
 
 
 def measure(methods, args, rounds: int, budget_s: float):
-    """Median seconds per call of each method, interleaved round by round."""
-    times = {name: [] for name in methods}
+    """Seconds per call (median over rounds) and ratio to "plain" (median over rounds of
+    the ratio within a round: every round runs all methods back to back, so load from
+    other processes on a shared machine cancels out of the ratios)."""
     for fn in methods.values():
         jax.block_until_ready(fn(*args))  # compile and warm up
+    runs = {name: lambda fn=fn: jax.block_until_ready(fn(*args)) for name, fn in methods.items()}
+    times = _rounds(runs, rounds, budget_s)
+    seconds = {name: float(np.median(t)) for name, t in times.items()}
+    return seconds, {name: _median_ratio(times, name, "plain") for name in times}
+
+
+def _rounds(runs, rounds, budget_s):
+    """Per-method lists of seconds; each round runs every method once, back to back."""
+    times = {name: [] for name in runs}
     start = time.perf_counter()
     for r in range(rounds):
-        for name, fn in methods.items():
+        for name, fn in runs.items():
             t0 = time.perf_counter()
-            jax.block_until_ready(fn(*args))
+            fn()
             times[name].append(time.perf_counter() - t0)
         if r >= 2 and time.perf_counter() - start > budget_s:
             break
-    return {name: float(np.median(t)) for name, t in times.items()}
+    return times
+
+
+def _median_ratio(times, numerator, denominator):
+    return float(np.median(np.asarray(times[numerator]) / np.asarray(times[denominator])))
 
 
 def temp_bytes(fn, args):
@@ -180,16 +194,16 @@ def run_jax(model_names, batch_sizes, rounds, budget_s, vmap_max_batch):
             mask = jnp.ones(batch_size)
             methods = methods_for(loss_fn, with_vmap=batch_size <= vmap_max_batch)
             args = (params, batch, mask)
-            seconds = measure(methods, args, rounds, budget_s)
+            seconds, ratios = measure(methods, args, rounds, budget_s)
             memory = {m: temp_bytes(fn, args) for m, fn in methods.items()}
             row = {"model": name, "batch": batch_size, "plain_ms": 1e3 * seconds["plain"]}
             for m in methods:
                 if m != "plain":
-                    row[f"{m}_x"] = seconds[m] / seconds["plain"]
+                    row[f"{m}_x"] = ratios[m]
                     row[f"{m}_mem_x"] = memory[m] / max(memory["plain"], 1)
                     row[f"{m}_ms"] = 1e3 * seconds[m]
             if "vmap" in methods:
-                row["vmap_over_fast"] = seconds["vmap"] / seconds["fast"]
+                row["vmap_over_fast"] = ratios["vmap"] / ratios["fast"]
             rows.append(row)
             print(format_row(row), flush=True)
     return rows
@@ -215,7 +229,7 @@ HEADER = (
 # ----------------------------------------------------------------------------- BackPACK
 
 
-def run_backpack(jax_rows, batch_sizes, rounds, budget_s):
+def run_backpack(batch_sizes, rounds, budget_s):
     """Time BackPACK on the same MLP and CNN; our time / BackPACK's per row."""
     try:
         import torch
@@ -251,22 +265,31 @@ def run_backpack(jax_rows, batch_sizes, rounds, budget_s):
                 with backpack(*extensions):
                     loss.backward()
 
+            # Ours and BackPACK's interleaved in the same rounds: side-by-side ratios.
+            params, jax_loss, make_batch = MODELS[name](jax.random.key(0))
+            args = (params, make_batch(jax.random.key(batch_size), batch_size))
+            args += (jnp.ones(batch_size),)
             runs = {
-                "plain": lambda step=step: step(),
+                f"jax_{m}": lambda fn=fn, args=args: jax.block_until_ready(fn(*args))
+                for m, fn in methods_for(jax_loss, with_vmap=False).items()
+            }
+            runs |= {
+                "torch": lambda step=step: step(),
                 "norms": lambda step=step: step(BatchL2Grad()),
                 "coords": lambda step=step: step(BatchL2Grad(), SumGradSquared()),
             }
-            seconds = measure_python(runs, rounds, budget_s)
-            ours = next(r for r in jax_rows if r["model"] == name and r["batch"] == batch_size)
+            for fn in runs.values():
+                fn()  # compile and warm up
+            times = _rounds(runs, rounds, budget_s)
             row = {
                 "model": name,
                 "batch": batch_size,
-                "backpack_plain_ms": 1e3 * seconds["plain"],
-                "backpack_norms_ms": 1e3 * seconds["norms"],
-                "backpack_coords_ms": 1e3 * seconds["coords"],
-                "ours_over_backpack_norms": ours["fast_ms"] / (1e3 * seconds["norms"]),
-                "ours_over_backpack_coords": ours["fast_coords_ms"] / (1e3 * seconds["coords"]),
-                "plain_jax_over_torch": ours["plain_ms"] / (1e3 * seconds["plain"]),
+                "backpack_plain_ms": 1e3 * float(np.median(times["torch"])),
+                "backpack_norms_ms": 1e3 * float(np.median(times["norms"])),
+                "backpack_coords_ms": 1e3 * float(np.median(times["coords"])),
+                "ours_over_backpack_norms": _median_ratio(times, "jax_fast", "norms"),
+                "ours_over_backpack_coords": _median_ratio(times, "jax_fast_coords", "coords"),
+                "plain_jax_over_torch": _median_ratio(times, "jax_plain", "torch"),
             }
             rows.append(row)
             print(
@@ -278,21 +301,6 @@ def run_backpack(jax_rows, batch_sizes, rounds, budget_s):
                 flush=True,
             )
     return rows
-
-
-def measure_python(runs, rounds, budget_s):
-    times = {name: [] for name in runs}
-    for fn in runs.values():
-        fn()
-    start = time.perf_counter()
-    for r in range(rounds):
-        for name, fn in runs.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-        if r >= 2 and time.perf_counter() - start > budget_s:
-            break
-    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 # ----------------------------------------------------------------------------- main
@@ -310,7 +318,7 @@ def main():
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; ratios to plain grad")
     print(HEADER)
     rows = run_jax(args.models.split(","), batch_sizes, rounds, budget_s, vmap_max_batch)
-    backpack_rows = [] if args.no_backpack else run_backpack(rows, batch_sizes, rounds, budget_s)
+    backpack_rows = [] if args.no_backpack else run_backpack(batch_sizes, rounds, budget_s)
     targets = {
         "norms_le_1.15x": all(r["fast_x"] <= 1.15 for r in rows),
         "coords_le_1.4x": all(r["fast_coords_x"] <= 1.4 for r in rows),
