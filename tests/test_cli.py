@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from adaptive_batch.cli import main
@@ -191,3 +192,23 @@ def test_console_entry_point_exit_code(tmp_path):
     assert result.stderr.strip() == (
         "adaptive-batch train: error: unknown method 'sdg'; use one of " + ", ".join(METHODS) + "."
     )
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_method_runs_on_a_tiny_budget(name):
+    """Each method's optimizer and statistics fit together (a few steps, logreg)."""
+    from adaptive_batch.cli._loop import LoopConfig, run
+    from adaptive_batch.datasets import make_synthetic
+    from adaptive_batch.models import functional, make_model
+
+    ds = make_synthetic(num_train=256, num_test=64, dim=8, num_classes=3)
+    fns = functional(make_model("logreg", ds.input_shape, ds.num_classes))
+    rows = []
+    # min = max: one compiled shape per method keeps this fast.
+    config = LoopConfig(METHODS[name], METHODS[name].default_lr, 8, 8, 8, 32, evals=1)
+    summary = run(fns, ds, config, on_row=rows.append)
+    assert summary["examples"] == 32 and summary["steps"] == 4 and not summary["diverged"]
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    assert ("suggested_batch_size" in rows[0]) == METHODS[name].adaptive
+    if METHODS[name].adaptive:
+        assert all(r["suggested_batch_size"] == 8 for r in rows)  # clipped to the bounds
