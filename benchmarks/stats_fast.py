@@ -229,7 +229,7 @@ HEADER = (
 # ----------------------------------------------------------------------------- BackPACK
 
 
-def run_backpack(batch_sizes, rounds, budget_s):
+def run_backpack(model_names, batch_sizes, rounds, budget_s):
     """Time BackPACK on the same MLP and CNN; our time / BackPACK's per row."""
     try:
         import torch
@@ -239,6 +239,9 @@ def run_backpack(batch_sizes, rounds, budget_s):
         print(f"BackPACK comparison skipped ({error}).")
         return []
     torch.manual_seed(0)
+    # One thread: on the shared 2-core machine PyTorch's two OpenMP threads spin against
+    # the other jobs and its median time goes up 50x (XLA's pool does not suffer this).
+    torch.set_num_threads(1)
     nets = {
         "mlp": lambda: torch.nn.Sequential(
             torch.nn.Linear(40, 512), torch.nn.ReLU(), torch.nn.Linear(512, 512),
@@ -254,6 +257,8 @@ def run_backpack(batch_sizes, rounds, budget_s):
     shapes = {"mlp": (40,), "cnn": (3, 16, 16)}
     rows = []
     for name, make in nets.items():
+        if name not in model_names:
+            continue
         net, loss_fn = extend(make()), extend(torch.nn.CrossEntropyLoss())
         for batch_size in batch_sizes:
             x = torch.randn(batch_size, *shapes[name])
@@ -265,31 +270,30 @@ def run_backpack(batch_sizes, rounds, budget_s):
                 with backpack(*extensions):
                     loss.backward()
 
-            # Ours and BackPACK's interleaved in the same rounds: side-by-side ratios.
+            # Ours right before BackPACK's, for the same model and batch. Not interleaved
+            # call by call: XLA's and PyTorch's thread pools spin-wait after a call, and
+            # alternating them slows both by an order of magnitude.
             params, jax_loss, make_batch = MODELS[name](jax.random.key(0))
             args = (params, make_batch(jax.random.key(batch_size), batch_size))
             args += (jnp.ones(batch_size),)
+            ours, _ = measure(methods_for(jax_loss, with_vmap=False), args, rounds, budget_s)
             runs = {
-                f"jax_{m}": lambda fn=fn, args=args: jax.block_until_ready(fn(*args))
-                for m, fn in methods_for(jax_loss, with_vmap=False).items()
-            }
-            runs |= {
                 "torch": lambda step=step: step(),
                 "norms": lambda step=step: step(BatchL2Grad()),
                 "coords": lambda step=step: step(BatchL2Grad(), SumGradSquared()),
             }
             for fn in runs.values():
-                fn()  # compile and warm up
-            times = _rounds(runs, rounds, budget_s)
+                fn()  # warm up
+            theirs = {k: float(np.median(t)) for k, t in _rounds(runs, rounds, budget_s).items()}
             row = {
                 "model": name,
                 "batch": batch_size,
-                "backpack_plain_ms": 1e3 * float(np.median(times["torch"])),
-                "backpack_norms_ms": 1e3 * float(np.median(times["norms"])),
-                "backpack_coords_ms": 1e3 * float(np.median(times["coords"])),
-                "ours_over_backpack_norms": _median_ratio(times, "jax_fast", "norms"),
-                "ours_over_backpack_coords": _median_ratio(times, "jax_fast_coords", "coords"),
-                "plain_jax_over_torch": _median_ratio(times, "jax_plain", "torch"),
+                "backpack_plain_ms": 1e3 * theirs["torch"],
+                "backpack_norms_ms": 1e3 * theirs["norms"],
+                "backpack_coords_ms": 1e3 * theirs["coords"],
+                "ours_over_backpack_norms": ours["fast"] / theirs["norms"],
+                "ours_over_backpack_coords": ours["fast_coords"] / theirs["coords"],
+                "plain_jax_over_torch": ours["plain"] / theirs["torch"],
             }
             rows.append(row)
             print(
@@ -317,8 +321,9 @@ def main():
     vmap_max_batch = 256 if args.quick else 1024
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; ratios to plain grad")
     print(HEADER)
-    rows = run_jax(args.models.split(","), batch_sizes, rounds, budget_s, vmap_max_batch)
-    backpack_rows = [] if args.no_backpack else run_backpack(batch_sizes, rounds, budget_s)
+    models = args.models.split(",")
+    rows = run_jax(models, batch_sizes, rounds, budget_s, vmap_max_batch)
+    backpack_rows = [] if args.no_backpack else run_backpack(models, batch_sizes, rounds, budget_s)
     targets = {
         "norms_le_1.15x": all(r["fast_x"] <= 1.15 for r in rows),
         "coords_le_1.4x": all(r["fast_coords_x"] <= 1.4 for r in rows),

@@ -67,15 +67,19 @@ def build_plan(loss_fn, params: PyTree, batch: PyTree, *, coordinates: bool) -> 
     return plan
 
 
-def fast_sums(loss_fn, params, batch, mask, *, coordinates: bool, warn: bool = True):
+def fast_sums(loss_fn, params, batch, mask, *, coordinates: bool, warn: bool = True, plan=None):
     """GradStats (without inner-product sums) of one chunk, by the layer rules."""
+    if plan is None:
+        plan = build_plan(loss_fn, params, batch, coordinates=coordinates)
+    if warn and plan.fallback:
+        _warn_fallback(loss_fn, plan, params)
     mesh = _explicit_mesh(batch)
     if mesh is None:
-        return _fast_sums(loss_fn, params, batch, mask, coordinates=coordinates, warn=warn)
+        return _sums(plan, coordinates, params, batch, mask)
     # The traced per-example jaxpr knows no mesh: re-binding its equations on arrays with
     # sharding in their types fails, so the mesh axes are made automatic (GSPMD) here.
     compute = jax.sharding.auto_axes(
-        functools.partial(_fast_sums, loss_fn, coordinates=coordinates, warn=warn),
+        functools.partial(_sums, plan, coordinates),
         axes=mesh.explicit_axes,
         out_sharding=jax.sharding.PartitionSpec(),
     )
@@ -90,13 +94,6 @@ def _explicit_mesh(batch):
         if mesh is not None and getattr(mesh, "explicit_axes", ()):
             return mesh
     return None
-
-
-def _fast_sums(loss_fn, params, batch, mask, *, coordinates: bool, warn: bool):
-    plan = build_plan(loss_fn, params, batch, coordinates=coordinates)
-    if warn and plan.fallback:
-        _warn_fallback(loss_fn, plan, params)
-    return _sums(plan, coordinates, params, batch, mask)
 
 
 def _sums(plan: Plan, coordinates: bool, params, batch, mask):
@@ -183,27 +180,26 @@ def auto_sums(loss_fn, params, batch, mask, *, coordinates: bool):
         plan = None
     if plan is None or not plan.sites:
         return vmap_sums(loss_fn, params, batch, mask, coordinates=coordinates)
-    return fast_sums(loss_fn, params, batch, mask, coordinates=coordinates, warn=False)
+    return fast_sums(loss_fn, params, batch, mask, coordinates=coordinates, warn=False, plan=plan)
 
 
 def fast_stats_report(loss_fn, params: PyTree, batch: PyTree, *, coordinates: bool = False):
     """Which rule the ``"fast"`` backend uses for each parameter leaf.
 
-        Returns a dict from the leaf's key path (``jax.tree_util.keystr``) to one of
-        ``"dense"`` (one position per example), ``"dense-gram"`` / ``"dense-products"``
-        (weights shared over positions), ``"conv-products"``, ``"embedding"``,
-        ``"elementwise"`` (scales, biases), ``"products"``, ``"unused"``, or
-        ``"fallback: <reason>"`` (exact per-example gradients for that leaf).
+    Returns a dict from the leaf's key path (``jax.tree_util.keystr``) to one of
+    ``"dense"`` (one position per example), ``"dense-gram"`` / ``"dense-products"``
+    (weights shared over positions), ``"conv"`` / ``"conv-products"``, ``"embedding"``,
+    ``"elementwise"`` (scales, biases), ``"products"``, ``"unused"``, or
+    ``"fallback: <reason>"`` (exact per-example gradients for that leaf).
 
-        Example:
-          >>> import jax.numpy as jnp
-    from jax import lax
-          >>> from adaptive_batch.stats import fast_stats_report
-          >>> def loss_fn(p, batch):
-          ...     return jnp.sum((batch @ p["w"] + p["b"]) ** 2, axis=-1)
-          >>> params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
-          >>> fast_stats_report(loss_fn, params, jnp.ones((4, 3)))
-          {"['b']": 'elementwise', "['w']": 'dense'}
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from adaptive_batch.stats import fast_stats_report
+      >>> def loss_fn(p, batch):
+      ...     return jnp.sum((batch @ p["w"] + p["b"]) ** 2, axis=-1)
+      >>> params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+      >>> fast_stats_report(loss_fn, params, jnp.ones((4, 3)))
+      {"['b']": 'elementwise', "['w']": 'dense'}
     """
     plan = build_plan(loss_fn, params, batch, coordinates=coordinates)
     rules = {site.view.leaf: site.rule for site in plan.sites.values()}
