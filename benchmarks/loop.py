@@ -1,0 +1,222 @@
+"""Throughput of the adaptive training loop against fixed-batch loops at the same sizes.
+
+An MLP is trained on a synthetic classification task with the norm test choosing the
+batch size (``optax.chain(ab.norm_test(eta), optax.sgd(lr))``) through `ab.fit`
+(controller with ``lag=1``, prefetching loader). Its sequence of batch sizes is then
+replayed by a plain fixed-batch loop — one jitted step per batch size, exactly that
+size, each batch gathered from NumPy arrays through a per-epoch permutation — for the
+same steps. Both use the same statistics and optimizer, so the ratio of real examples
+per second measures what the adaptive machinery costs: padding up to the bucket, the
+controller, the loader and the one host read per step.
+
+Every shape is compiled before timing; the runs are interleaved (adaptive, fixed,
+fixed at padded sizes) and ratios are medians over the repeats. Reported:
+
+* ``throughput_ratio`` — adaptive loop (pow2 buckets) / fixed loop, real examples per
+  second (padding counts as lost work). Target >= 0.9.
+* ``overhead_ratio`` — against the fixed loop at the *padded* sizes: the loop's own
+  overhead, without the padding.
+* ``fine_buckets_ratio`` — the adaptive loop with buckets spaced by 2^(1/4) (padding
+  under 19%, more compiles).
+* ``filled_buckets_ratio`` — pow2 buckets with ``fit(fill_buckets=True)``: the padding
+  rows are filled with real examples (the norm test asks for a minimum batch size, so
+  a larger one also satisfies it); against a fixed loop at those (bucket) sizes.
+* ``compiles`` — train-step compiles (JAX's monitoring events) of the first run:
+  pow2 buckets, fine buckets, and exact sizes (the fixed loop: one per distinct size),
+  with the wall time of each first, compiling, run.
+
+    python benchmarks/loop.py            # 100 000 examples a run, batch 32 → 2048
+    python benchmarks/loop.py --quick    # 12 000 examples a run, batch 32 → 1024
+
+Last line: a JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import print_table
+
+import adaptive_batch as ab
+
+
+def make_task(n, features, classes, seed=0):
+    """Labels from a random teacher network plus 10% label noise."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, features)).astype(np.float32)
+    teacher = rng.normal(size=(features, classes))
+    y = np.argmax(np.tanh(x @ teacher) + 0.3 * rng.normal(size=(n, classes)), axis=1)
+    noisy = rng.random(n) < 0.1
+    y[noisy] = rng.integers(0, classes, noisy.sum())
+    return {"x": x, "y": y.astype(np.int32)}
+
+
+def make_model(features, hidden, classes, seed=0):
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    params = {
+        "w1": jax.random.normal(k1, (features, hidden)) / math.sqrt(features),
+        "b1": jnp.zeros(hidden),
+        "w2": jax.random.normal(k2, (hidden, classes)) / math.sqrt(hidden),
+        "b2": jnp.zeros(classes),
+    }
+
+    def loss_fn(params, batch):
+        h = jnp.tanh(batch["x"] @ params["w1"] + params["b1"])
+        logits = h @ params["w2"] + params["b2"]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
+
+    return params, loss_fn
+
+
+def fine_buckets(lo, hi, per_octave=4):
+    sizes = {hi}
+    k = 0
+    while (size := math.ceil(lo * 2 ** (k / per_octave))) < hi:
+        sizes.add(size)
+        k += 1
+    return sorted(sizes)
+
+
+def adaptive_run(args, step, source, buckets, *, params, tx, fill=False):
+    controller = ab.BatchSizeController(args.min_batch, args.max_batch, buckets=buckets, lag=1)
+    return ab.fit(
+        step, (params, tx.init(params)), source, controller,
+        examples=args.budget, prefetch=2, progress=False, log_every=50, fill_buckets=fill,
+    )  # fmt: skip
+
+
+def fixed_loop(step, sizes, source, tx, params):
+    """Seconds of a plain shuffled loop taking ``sizes[i]`` examples at step i, with
+    one jitted step per size and each batch gathered through the epoch's permutation
+    (what a fixed-batch input pipeline does)."""
+    n = len(source["y"])
+    x, y = source["x"], source["y"]
+    p, s = params, tx.init(params)
+    rng = np.random.default_rng(0)
+    order, position = rng.permutation(n), 0
+    start = time.perf_counter()
+    for size in sizes:
+        if position + size > n:  # next epoch (the tail of this one is skipped)
+            order, position = rng.permutation(n), 0
+        rows = order[position : position + size]
+        p, s, _ = step(p, s, {"x": x[rows], "y": y[rows]})
+        position += size
+    jax.block_until_ready(p)
+    return time.perf_counter() - start
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    args.eta, args.lr, args.min_batch = 1.0, 0.5, 32
+    # Each run trains on the same number of examples (``budget``).
+    if args.quick:
+        args.examples, args.features, args.hidden = 8192, 64, 512
+        args.max_batch, args.budget, repeats = 1024, 12_000, 3
+    else:
+        args.examples, args.features, args.hidden = 20000, 64, 512
+        args.max_batch, args.budget, repeats = 2048, 100_000, 7
+    classes = 10
+    source = make_task(args.examples, args.features, classes)
+    params, loss_fn = make_model(args.features, args.hidden, classes)
+    tx = optax.chain(
+        ab.norm_test(args.eta, min_batch_size=args.min_batch, max_batch_size=args.max_batch),
+        optax.sgd(args.lr),
+    )
+
+    # The fixed-size loops share one step: it compiles once per distinct size, which
+    # is also what an adaptive loop without buckets (exact sizes) compiles.
+    fixed_step = ab.make_train_step(loss_fn, tx)
+    rows, overhead = [], None
+    configs = (
+        ("pow2", "pow2", False),
+        ("fine", fine_buckets(args.min_batch, args.max_batch), False),
+        ("pow2 filled", "pow2", True),
+    )
+    for name, buckets, fill in configs:
+        step = ab.make_train_step(loss_fn, tx)
+        first = adaptive_run(args, step, source, buckets, params=params, tx=tx, fill=fill)
+        sizes = first.history.column("batch_size")
+        padded = first.history.column("padded_size")
+        with ab.training.CompileCounter() as counter:
+            first_fixed = fixed_loop(fixed_step, sizes, source, tx, params)  # compiles
+        if name == "pow2":
+            fixed_loop(fixed_step, padded, source, tx, params)  # compiles the padded sizes
+        # Interleaved repeats, so that a change in the machine's load hits both loops.
+        adaptive, fixed, at_padded = [], [], []
+        for _ in range(repeats):
+            run = adaptive_run(args, step, source, buckets, params=params, tx=tx, fill=fill)
+            assert run.history.column("batch_size") == sizes and run.compiles == 0
+            adaptive.append(run.wall_time)
+            fixed.append(fixed_loop(fixed_step, sizes, source, tx, params))
+            if name == "pow2":
+                at_padded.append(fixed_loop(fixed_step, padded, source, tx, params))
+        ratio = statistics.median(f / a for f, a in zip(fixed, adaptive, strict=True))
+        if name == "pow2":
+            exact = {
+                "buckets": "exact (fixed loop)",
+                "steps": first.steps,
+                "examples": first.examples,
+                "distinct sizes": len(set(sizes)),
+                "compiles": counter.count(fixed_step.name),
+                "padding": 0.0,
+                "first run s": first_fixed,
+                "adaptive s": None,
+                "fixed loop s": statistics.median(fixed),
+                "ratio": None,
+            }
+            overhead = statistics.median(f / a for f, a in zip(at_padded, adaptive, strict=True))
+            trajectory = sizes
+        rows.append(
+            {
+                "buckets": name,
+                "steps": first.steps,
+                "examples": first.examples,
+                "distinct sizes": len(set(sizes)),
+                "compiles": first.compiles,
+                "padding": sum(padded) / sum(sizes) - 1,
+                "first run s": first.wall_time,
+                "adaptive s": statistics.median(adaptive),
+                "fixed loop s": statistics.median(fixed),
+                "ratio": ratio,
+            }
+        )
+    rows.append(exact)
+    print_table(rows, list(rows[0]))
+    print(f"\npow2 against a fixed loop at the padded sizes (loop overhead alone): {overhead:.3f}")
+    print("batch sizes every 25 steps:", trajectory[::25])
+
+    summary = {
+        "throughput_ratio": round(rows[0]["ratio"], 3),
+        "overhead_ratio": round(overhead, 3),
+        "fine_buckets_ratio": round(rows[1]["ratio"], 3),
+        "filled_buckets_ratio": round(rows[2]["ratio"], 3),
+        "compiles": {"pow2": rows[0]["compiles"], "fine": rows[1]["compiles"],
+                     "pow2_filled": rows[2]["compiles"], "exact": exact["compiles"]},
+        "distinct_batch_sizes": rows[0]["distinct sizes"],
+        "first_run_seconds": {"pow2": round(rows[0]["first run s"], 2),
+                              "fine": round(rows[1]["first run s"], 2),
+                              "exact": round(exact["first run s"], 2)},
+        "padding_fraction": {"pow2": round(rows[0]["padding"], 3),
+                             "fine": round(rows[1]["padding"], 3)},
+        "steps": rows[0]["steps"],
+        "quick": args.quick,
+    }  # fmt: skip
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
