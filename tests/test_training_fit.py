@@ -256,3 +256,14 @@ def test_fill_buckets_uses_the_padding_rows_for_real_examples():
     assert result.examples == 700 and steps[-1]["batch_size"] <= steps[-1]["padded_size"]
     # The rule sees the filled batches: it asks for 1.3 times what it got.
     assert steps[0]["suggested"] == math.ceil(16 * 1.3)
+
+
+def test_progress_bar_shows_the_batch_size(capsys):
+    tx = optax.chain(grow_rule(factor=2.0, start=8), optax.sgd(0.01))
+    step = ab.make_train_step(loss_fn, tx)
+    w = jnp.zeros(FEATURES)
+    controller = ab.BatchSizeController(8, 32)
+    ab.fit(step, (w, tx.init(w)), make_source(100), controller, steps=6, log_every=2)
+    shown = capsys.readouterr().err
+    assert "6/6" in shown and "step" in shown
+    assert "batch=32/32" in shown and "loss=" in shown
