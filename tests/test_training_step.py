@@ -165,7 +165,8 @@ def test_one_batch_of_512_equals_4_microbatches_of_128(num_real):
 def test_microbatches_without_inner_sums_match_too():
     data = make_data(256, seed=3)
     params = init_params()
-    tx = ab.adadagrad(0.1, min_batch_size=4)  # needs coordinates, not inner sums
+    # Needs the coordinate sums, not the inner ones.
+    tx = optax.chain(ab.coordinate_norm_test(0.5, min_batch_size=4), optax.adagrad(0.1))
     step = ab.make_train_step(loss_fn, tx)
     p1, _, m1 = step(params, tx.init(params), data)
     p8, _, m8 = step(params, tx.init(params), data, num_microbatches=8)
@@ -179,7 +180,8 @@ def test_statistics_options_are_detected_from_the_transform():
     cases = {
         "plain": (optax.sgd(0.1), (False, False)),
         "cabs": (ab.cabs(0.1, min_batch_size=2), (False, False)),
-        "adadagrad": (ab.adadagrad(0.1, min_batch_size=2), (True, False)),
+        "coordinate": (optax.chain(ab.coordinate_norm_test(0.5, min_batch_size=2), optax.sgd(0.1)),
+                       (True, False)),
         "inner": (optax.chain(ab.inner_product_test(0.5, min_batch_size=2), optax.sgd(0.1)),
                   (False, True)),
     }  # fmt: skip
