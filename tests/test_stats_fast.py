@@ -324,6 +324,42 @@ def test_inside_shard_map_sums_per_device_then_psum():
     assert_stats_close(vmap, fast)
 
 
+def test_weight_on_the_left_and_heads_as_batch_dims():
+    """dot_general with the weight as lhs, and with a batch dimension shared by both."""
+    ks = keys(3)
+    params = {"w": jax.random.normal(ks[0], (4, 3)), "heads": jax.random.normal(ks[1], (2, 3, 5))}
+    batch = jax.random.normal(ks[2], (6, 7, 3))
+
+    def loss_fn(p, x):
+        h = jnp.einsum("oi,bti->bto", p["w"], x)[..., :3]  # w on the left
+        h = jnp.einsum("bhti,hio->bhto", jnp.stack([h, -h], axis=1), p["heads"])
+        return jnp.sum(jnp.tanh(h) ** 2, axis=(1, 2, 3))
+
+    report = fast_stats_report(loss_fn, params, batch)
+    assert report["['w']"].startswith("dense-") and report["['heads']"].startswith("dense-")
+    assert_stats_close(*both_backends(loss_fn, params, batch, coordinates=True))
+
+
+def test_params_inside_scan_fall_back_and_auto_uses_vmap():
+    params = {"w": jax.random.normal(keys(1)[0], (4, 4)) / 2}
+    batch = jax.random.normal(keys(2)[1], (6, 4))
+
+    def loss_fn(p, x):
+        h, _ = lax.scan(lambda h, _: (jnp.tanh(h @ p["w"]), None), x, None, length=3)
+        return jnp.sum(h**2, axis=-1)
+
+    assert fast_stats_report(loss_fn, params, batch) == {"['w']": "fallback: used by `scan`"}
+    vmap = per_example_stats(loss_fn, backend="vmap", coordinates=True)(params, batch)
+    fast_module._WARNED.clear()
+    with pytest.warns(UserWarning, match="used by `scan`"):
+        fast = per_example_stats(loss_fn, backend="fast", coordinates=True)(params, batch)
+    assert_stats_close(vmap, fast)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        auto = per_example_stats(loss_fn, backend="auto", coordinates=True)(params, batch)
+    assert_stats_close(vmap, auto)
+
+
 def test_unused_parameter_gives_zeros():
     params = {"w": jnp.ones((3, 2)), "unused": jnp.ones(4)}
     batch = jax.random.normal(keys(1)[0], (5, 3))

@@ -168,19 +168,25 @@ def _sums(plan: Plan, coordinates: bool, params, batch, mask):
 
 
 def auto_sums(loss_fn, params, batch, mask, *, coordinates: bool):
-    """``"fast"`` where at least one leaf has a layer rule, else ``"vmap"``; no warnings."""
+    """``"fast"`` where at least one leaf has a layer rule, else ``"vmap"``; no warnings.
+
+    Anything the fast path cannot trace (a primitive the interpreter cannot re-bind, a
+    JAX internals change) falls back to ``"vmap"`` with a warning; both happen at trace
+    time, so a compiled step never pays for the attempt.
+    """
     try:
         plan = build_plan(loss_fn, params, batch, coordinates=coordinates)
-    except Exception as error:
+        if plan.sites:
+            return fast_sums(
+                loss_fn, params, batch, mask, coordinates=coordinates, warn=False, plan=plan
+            )
+    except Exception as error:  # trace-time only; the exact backend always works
         warnings.warn(
-            f"backend='auto': the fast statistics could not trace loss_fn ({error!r}); "
-            "using the exact vmap backend.",
+            f"backend='auto': the fast statistics failed to trace loss_fn ({error!r}); "
+            "using the exact vmap backend. Please report this with the model.",
             stacklevel=3,
         )
-        plan = None
-    if plan is None or not plan.sites:
-        return vmap_sums(loss_fn, params, batch, mask, coordinates=coordinates)
-    return fast_sums(loss_fn, params, batch, mask, coordinates=coordinates, warn=False, plan=plan)
+    return vmap_sums(loss_fn, params, batch, mask, coordinates=coordinates)
 
 
 def fast_stats_report(loss_fn, params: PyTree, batch: PyTree, *, coordinates: bool = False):
