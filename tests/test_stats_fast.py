@@ -340,6 +340,22 @@ def test_weight_on_the_left_and_heads_as_batch_dims():
     assert_stats_close(*both_backends(loss_fn, params, batch, coordinates=True))
 
 
+def test_parameters_seen_through_a_broadcast():
+    """A bias and a scale broadcast over positions explicitly (a non-bijective view)."""
+    ks = keys(3)
+    params = {"w": jax.random.normal(ks[0], (3, 4)), "b": jnp.arange(4.0), "s": jnp.ones(4)}
+    batch = jax.random.normal(ks[1], (5, 6, 3))
+
+    def loss_fn(p, x):
+        h = x @ p["w"]
+        h = (h + jnp.broadcast_to(p["b"], h.shape)) * jnp.broadcast_to(p["s"], h.shape)
+        return jnp.sum(jnp.tanh(h) ** 2, axis=(1, 2))
+
+    report = fast_stats_report(loss_fn, params, batch)
+    assert report["['b']"] == report["['s']"] == "elementwise"
+    assert_stats_close(*both_backends(loss_fn, params, batch, coordinates=True))
+
+
 def test_params_inside_scan_fall_back_and_auto_uses_vmap():
     params = {"w": jax.random.normal(keys(1)[0], (4, 4)) / 2}
     batch = jax.random.normal(keys(2)[1], (6, 4))

@@ -87,11 +87,11 @@ def site_stats(site: Site, records, delta, *, leaf_aval, coordinates: bool):
         out = tuple(to_weight(x) if x is not None and x.ndim else x for x in out)
     elif rule == "embedding":
         out = _embedding(site, records[0], delta, coordinates)
-    else:
-        out = _products(site, records, delta, coordinates)
+    else:  # per-example products, already mapped to the leaf example by example
+        return _products(site, records, delta, leaf_aval, coordinates)
     grad_sum, sq_norm, sq_sum = out
     grad_sum = chain_transpose(site, leaf_aval, grad_sum)
-    if sq_sum is not None:  # every chain here is bijective: squares follow the entries
+    if sq_sum is not None:  # the rules above need a bijective view: squares follow entries
         sq_sum = chain_transpose(site, leaf_aval, sq_sum)
     return grad_sum, sq_norm, sq_sum
 
@@ -232,8 +232,10 @@ def _embedding(site: Site, ids, delta, coordinates):
 # ----------------------------------------------------------------------------- products
 
 
-def _products(site: Site, records, delta, coordinates):
-    """Per-example gᵢ(W) = (∂y/∂W)ᵀδᵢ by a vjp of the site equation, in chunks."""
+def _products(site: Site, records, delta, leaf_aval, coordinates):
+    """Per-example gᵢ(W) = Vᵀ(∂y/∂Wv)ᵀδᵢ by a vjp of the site equation and of the view
+    chain V (a broadcast view sums over positions, so it is undone before squaring),
+    in chunks."""
     eqn, pos = site.eqn, site.weight_pos
     w_aval = eqn.invars[pos].aval
     bind_params = eqn.primitive.get_bind_params(eqn.params)
@@ -252,10 +254,10 @@ def _products(site: Site, records, delta, coordinates):
 
         w = vary_like(jnp.zeros(w_aval.shape, w_aval.dtype), d)
         g = jax.vjp(site_fn, w)[1](d.astype(out_dtype))[0]
-        return g.astype(d.dtype)
+        return chain_transpose(site, leaf_aval, g.astype(d.dtype))
 
     per_example = jax.vmap(one)
-    budget = max(delta.size, w_aval.size)
+    budget = max(delta.size, w_aval.size, math.prod(leaf_aval.shape))
     return _chunked_sums(lambda r, d: per_example(r, d), (records, delta), budget, coordinates)
 
 
