@@ -39,6 +39,13 @@ BAD_ARGUMENTS = [
     (lambda: ab.cabs(0.1, max_batch_size=2**31), ValueError, r"max_batch_size=2147483648"),
     (lambda: ab.adadagrad(0.0), ValueError, r"learning_rate=0.0"),
     (lambda: ab.adadagrad(0.1, eps=-1), ValueError, r"eps=-1"),
+    (
+        lambda: ab.adadagrad(0.1, test="ip"),
+        ValueError,
+        r"test='ip' is not one of \['coordinate', 'norm'\]\. Pass test='norm'",
+    ),
+    (lambda: ab.adadagrad(0.1, test=None), ValueError, r"test=None is not one of"),
+    (lambda: ab.adadagrad(0.1, test="coordinate", eta=0), ValueError, r"eta=0"),
     (lambda: ab.adadagrad_norm(0.1, b0=0), ValueError, r"b0=0"),
     (lambda: ab.scale_by_adagrad_norm(b0=-1.0), ValueError, r"b0=-1.0"),
     (lambda: ab.scale_by_batch_size(0), ValueError, r"base_batch_size=0"),
@@ -83,6 +90,8 @@ def test_suggested_batch_size_in_nested_states():
 
     injected = optax.inject_hyperparams(ab.adadagrad)(learning_rate=0.1, initial_batch_size=40)
     assert int(ab.suggested_batch_size(injected.init(params))) == 40
+    injected = optax.inject_hyperparams(ab.adadagrad)(0.1, test="coordinate", min_batch_size=8)
+    assert int(ab.suggested_batch_size(injected.init(params))) == 8
 
     multi = optax.MultiSteps(ab.cabs(0.1, initial_batch_size=20), every_k_schedule=2)
     assert int(ab.suggested_batch_size(multi.init(params))) == 20

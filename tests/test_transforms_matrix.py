@@ -37,6 +37,9 @@ CASES = {
     "augmented_inner_product_test": _then_sgd(ab.augmented_inner_product_test(0.3, 0.5, **BOUNDS)),
     "coordinate_norm_test": _then_sgd(ab.coordinate_norm_test(0.5, **BOUNDS)),
     "adadagrad": lambda learning_rate=0.3: ab.adadagrad(learning_rate, eta=0.5, **BOUNDS),
+    "adadagrad_coordinate": lambda learning_rate=0.3: ab.adadagrad(
+        learning_rate, eta=0.5, test="coordinate", **BOUNDS
+    ),
     "adadagrad_norm": lambda learning_rate=0.3: ab.adadagrad_norm(learning_rate, **BOUNDS),
     "scale_by_adagrad_norm": lambda learning_rate=0.3: optax.chain(
         ab.scale_by_adagrad_norm(), optax.scale_by_learning_rate(learning_rate)
@@ -58,6 +61,7 @@ HAS_RULE = [  # cases whose state holds a batch size
     "augmented_inner_product_test",
     "coordinate_norm_test",
     "adadagrad",
+    "adadagrad_coordinate",
     "adadagrad_norm",
     "norm_test+adam",
 ]
@@ -254,7 +258,7 @@ def test_missing_grad_stats_shows_the_call(name):
     ("factory", "option"),
     [
         (lambda: ab.coordinate_norm_test(), "coordinates=True"),
-        (lambda: ab.adadagrad(0.1), "coordinates=True"),
+        (lambda: ab.adadagrad(0.1, test="coordinate"), "coordinates=True"),
         (lambda: ab.inner_product_test(), "inner=True"),
         (lambda: ab.augmented_inner_product_test(), "inner=True"),
     ],
@@ -265,6 +269,23 @@ def test_missing_optional_sums_says_which(factory, option):
     stats = ab.per_example_stats(loss_fn)(params, {"x": X[:8], "y": Y[:8]})
     with pytest.raises(TypeError, match=option):
         tx.update(stats.mean_grad, tx.init(params), params, grad_stats=stats)
+
+
+def test_adadagrad_norm_test_needs_no_coordinate_sums():
+    """test="norm" runs on the plain statistics and matches norm_test + AdaGrad on them."""
+    params = init_params()
+    stats = ab.per_example_stats(loss_fn)(params, {"x": X[:8], "y": Y[:8]})
+    assert stats.sq_sum is None
+    tx = ab.adadagrad(0.3, eta=0.5, **BOUNDS)
+    by_parts = optax.chain(
+        ab.norm_test(0.5, **BOUNDS),
+        ab.transforms.scale_by_adagrad_torch(),
+        optax.scale_by_learning_rate(0.3),
+    )
+    got = tx.update(stats.mean_grad, tx.init(params), params, grad_stats=stats)
+    want = by_parts.update(stats.mean_grad, by_parts.init(params), params, grad_stats=stats)
+    assert_trees_close(got, want)
+    assert int(ab.suggested_batch_size(got[1])) > BOUNDS["min_batch_size"]
 
 
 def _has_counter(node):

@@ -183,8 +183,11 @@ def make_case(name):
         tx = ab.coordinate_norm_test(1.5, min_batch_size=4, max_batch_size=256)
         ref = RefSamplingTest("coordinate", 1.5, lo=4, hi=256)
         return optax.chain(tx, optax.sgd(LR)), ref, RefSGD(LR)
-    if name == "adadagrad":
-        tx = ab.adadagrad(LR, eta=1.5, min_batch_size=4, max_batch_size=256)
+    if name == "adadagrad":  # test="norm" by default, as the official experiments
+        tx = ab.adadagrad(LR, eta=0.3, min_batch_size=4, max_batch_size=256)
+        return tx, RefSamplingTest("norm", 0.3, lo=4, hi=256), RefTorchAdagrad(LR)
+    if name == "adadagrad_coordinate":
+        tx = ab.adadagrad(LR, eta=1.5, test="coordinate", min_batch_size=4, max_batch_size=256)
         return tx, RefSamplingTest("coordinate", 1.5, lo=4, hi=256), RefTorchAdagrad(LR)
     if name == "adadagrad_norm":
         tx = ab.adadagrad_norm(LR, eta=0.3, max_batch_size=256)
@@ -214,6 +217,7 @@ CASES = [
     "augmented_inner_product_test",
     "coordinate_norm_test",
     "adadagrad",
+    "adadagrad_coordinate",
     "adadagrad_norm",
     "scale_by_batch_size-linear",
     "scale_by_batch_size-sqrt",
@@ -328,7 +332,9 @@ def test_synthetic_statistics_match_reference(name):
     assert len(set(sizes)) >= 2, f"the batch size never moved: {sizes}"
 
 
-@pytest.mark.parametrize("name", ["cabs", "norm_test", "adadagrad", "adadagrad_norm"])
+@pytest.mark.parametrize(
+    "name", ["cabs", "norm_test", "adadagrad", "adadagrad_coordinate", "adadagrad_norm"]
+)
 def test_synthetic_statistics_match_reference_in_float32(name):
     for step, b, ref_b, update, ref_update, _, _ in run_synthetic(name, jnp.float32):
         assert b == ref_b, f"step {step}: batch size {b}, reference {ref_b}"
