@@ -95,10 +95,9 @@ METHODS: dict[str, Method] = {
         Method(
             "adadagrad", True, 0.1,
             lambda lr, lo, hi, tol: ab.adadagrad(lr, eta=tol, **_bounds(lo, hi)),
-            "AdAdaGrad: coordinate-wise norm test (--eta, default 0.1) + AdaGrad "
-            "(Lau et al. 2024)",
+            "AdAdaGrad: norm test (--eta, default 0.1) + coordinate-wise AdaGrad, as the "
+            "official code's experiments (Lau et al. 2024)",
             default_tolerance=0.1,
-            coordinates=True,
         ),
         Method(
             "adadagrad-norm", True, 1.0,
