@@ -22,7 +22,7 @@ import adaptive_batch as ab
 HIDDEN = 32
 
 # Method, optimizer, controller settings, epochs. CABS may shrink the batch
-# (monotone=False); AdAdaGrad's coordinate-wise test only grows it.
+# (monotone=False); AdAdaGrad's norm test only grows it.
 METHODS = {
     "cabs": (lambda: ab.cabs(0.5, min_batch_size=16, max_batch_size=256), False, 8),
     "adadagrad": (lambda: ab.adadagrad(0.1, min_batch_size=16, max_batch_size=256), True, 5),
