@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import chex
 import numpy as np
 import pytest
 
@@ -206,9 +207,52 @@ def test_every_method_runs_on_a_tiny_budget(name):
     rows = []
     # min = max: one compiled shape per method keeps this fast.
     config = LoopConfig(METHODS[name], METHODS[name].default_lr, 8, 8, 8, 32, evals=1)
-    summary = run(fns, ds, config, on_row=rows.append)
+    summary, params = run(fns, ds, config, on_row=rows.append)
     assert summary["examples"] == 32 and summary["steps"] == 4 and not summary["diverged"]
+    chex.assert_trees_all_equal_shapes(params, fns.params)  # the trained parameters
     assert all(np.isfinite(r["loss"]) for r in rows)
     assert ("suggested_batch_size" in rows[0]) == METHODS[name].adaptive
     if METHODS[name].adaptive:
         assert all(r["suggested_batch_size"] == 8 for r in rows)  # clipped to the bounds
+
+
+# --------------------------------------------------------------------------- --spectrum
+
+
+def test_train_spectrum_writes_plot_and_top_eigenvalue(tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    code, out, err = _run(["train", *TINY, "--out", str(out_dir), "--spectrum"], capsys)
+    assert code == 0, err
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["spectrum_plot"] == "spectrum.png" and "spectrum.png" in summary["plots"]
+    assert (out_dir / "spectrum.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Softmax regression is convex: a positive, finite top eigenvalue.
+    assert 0 < summary["top_eigenvalue"] < 1e6
+    assert "Hessian λ_max" in out
+
+
+def test_spectrum_top_eigenvalue_matches_dense_hessian(tmp_path):
+    """The reported λ_max against eigh of the dense float64 Hessian, same examples."""
+    import jax
+    import jax.numpy as jnp
+    from jax.flatten_util import ravel_pytree
+
+    from adaptive_batch.cli._spectrum import SPECTRUM_EXAMPLES, write_spectrum
+    from adaptive_batch.datasets import load_dataset
+    from adaptive_batch.models import functional, make_model
+
+    dataset = load_dataset("synthetic")
+    fns = functional(make_model("logreg", dataset.input_shape, dataset.num_classes, seed=1))
+    result = write_spectrum(fns, fns.params, dataset, tmp_path)
+    size = min(SPECTRUM_EXAMPLES, dataset.num_train)
+    assert result["spectrum_examples"] == size
+    with jax.enable_x64(True):
+        params64 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), fns.params)
+        flat, unravel = ravel_pytree(params64)
+        batch = jax.tree.map(
+            lambda x: jnp.asarray(x[:size], jnp.float64 if x.dtype.kind == "f" else x.dtype),
+            dataset.train,
+        )
+        hessian = jax.hessian(lambda w: jnp.mean(fns.loss_fn(unravel(w), batch)))(flat)
+        dense_top = np.linalg.eigvalsh(np.asarray(hessian))[-1]
+    assert result["top_eigenvalue"] == pytest.approx(dense_top, rel=1e-3)

@@ -115,8 +115,8 @@ def run(
     *,
     on_row: Callable[[dict[str, Any]], None] = lambda row: None,
     progress: Any = None,
-) -> dict[str, Any]:
-    """Train until ``config.examples`` examples were used; return the summary dict.
+) -> tuple[dict[str, Any], Any]:
+    """Train until ``config.examples`` examples were used; return (summary, params).
 
     ``on_row`` gets one dict per step (``step``, ``batch_size``, ``loss``, ``examples``,
     ``wall_time``, ``lr``, ``effective_lr``, and ``test_loss`` / ``test_accuracy`` on
@@ -197,7 +197,7 @@ def run(
     train_loss, train_accuracy = jax.device_get(
         evaluate(params, jax.tree.map(jnp.asarray, dataset.train))
     )
-    return {
+    summary = {
         "test_accuracy": row.get("test_accuracy", float("nan")),
         "test_loss": row.get("test_loss", float("nan")),
         "final_train_loss": float(train_loss),
@@ -209,3 +209,4 @@ def run(
         "final_batch_size": plan.batch_size if steps else 0,
         "diverged": not math.isfinite(row.get("loss", 0.0)),
     }
+    return summary, params

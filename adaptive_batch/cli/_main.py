@@ -126,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--target", type=float, default=None,
         help="also report steps, examples and time to reach this test accuracy (0..1)",
     )  # fmt: skip
+    train.add_argument(
+        "--spectrum", action="store_true",
+        help="after training, estimate the Hessian spectrum of the trained model by "
+        "stochastic Lanczos quadrature on 1000 training examples: OUT/spectrum.png and "
+        "top_eigenvalue in summary.json",
+    )  # fmt: skip
     _add_common(train)
 
     compare = sub.add_parser(

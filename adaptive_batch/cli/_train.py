@@ -50,9 +50,14 @@ def train_one(
     *,
     target: float | None = None,
     progress: bool = True,
+    spectrum: bool = False,
     argv: list[str] | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Train ``method`` and fill ``out`` with the run's files; return (summary, rows)."""
+    """Train ``method`` and fill ``out`` with the run's files; return (summary, rows).
+
+    With ``spectrum``, also the Hessian spectrum of the trained model (``spectrum.png``
+    and ``top_eigenvalue`` in the summary, see `adaptive_batch.cli._spectrum`).
+    """
     from adaptive_batch.models import functional, make_model
 
     model = make_model(options.model, dataset.input_shape, dataset.num_classes, seed=options.seed)
@@ -98,7 +103,7 @@ def train_one(
             metrics_file.write(json.dumps(row) + "\n")
 
         try:
-            summary = run(fns, dataset, loop_config, on_row=on_row, progress=bar)
+            summary, params = run(fns, dataset, loop_config, on_row=on_row, progress=bar)
         finally:
             if bar is not None:
                 bar.close()
@@ -110,6 +115,11 @@ def train_one(
         summary["to_target"] = time_to_target(rows, target)
     title = f"{method.name} (lr {lr:g}) on {options.dataset} / {options.model}"
     summary["plots"] = [p.name for p in run_plots(rows, out, title)]
+    if spectrum and not summary["diverged"]:
+        from adaptive_batch.cli._spectrum import write_spectrum
+
+        summary.update(write_spectrum(fns, params, dataset, out, seed=options.seed))
+        summary["plots"].append(summary["spectrum_plot"])
     _write_json(out / "summary.json", summary)
     return summary, rows
 
@@ -124,8 +134,9 @@ def train_command(args) -> int:
     dataset = _resolve.dataset(options)
     _resolve.make_dir(out)
     summary, _ = train_one(
-        method, options, dataset, out, target=target, progress=not args.no_progress
-    )
+        method, options, dataset, out, target=target, progress=not args.no_progress,
+        spectrum=args.spectrum,
+    )  # fmt: skip
     print(summary_table(summary))
     if summary["diverged"]:
         print(f"warning: the loss became non-finite; try a smaller --lr than {summary['lr']:g}.")
