@@ -369,12 +369,3 @@ def test_resume_mid_run_gives_the_same_plans(kwargs, before, after):
     assert clone.plan == ctrl.plan
     assert [clone.next(s) for s in after] == [ctrl.next(s) for s in after]
     assert clone.state_dict() == ctrl.state_dict()
-
-
-def test_docstring_examples():
-    import doctest
-
-    from adaptive_batch.control import _controller
-
-    result = doctest.testmod(_controller)
-    assert result.attempted > 0 and result.failed == 0

@@ -442,12 +442,3 @@ with Loader({{"x": np.arange(10)}}, prefetch=1) as loader:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "4"
-
-
-def test_docstring_examples():
-    import doctest
-
-    from adaptive_batch.data import _loader
-
-    result = doctest.testmod(_loader)
-    assert result.attempted > 0 and result.failed == 0

@@ -127,8 +127,9 @@ def make_model(
     """A built-in classifier by name (one of `MODELS`), initialised from ``seed``.
 
     Example:
+      >>> import jax.numpy as jnp
       >>> from adaptive_batch.models import make_model
-      >>>       >>> make_model("cnn", (40,), 10)(jnp.zeros((2, 40))).shape
+      >>> make_model("cnn", (40,), 10)(jnp.zeros((2, 40))).shape
       (2, 10)
     """
     if name not in MODELS:
