@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import median_seconds
 
 from adaptive_batch.curvature import (
     hutchinson_trace,
@@ -59,16 +62,6 @@ def make(widths, batch_size, key):
     return params, batch
 
 
-def median_seconds(fn, repeats):
-    jax.block_until_ready(fn())  # compile and warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small model, few repeats")
@@ -84,21 +77,21 @@ def main():
 
     grad_fn = jax.jit(jax.grad(lambda p, b: mean_loss(mlp_loss, p, b)))
     seconds = {
-        "grad": median_seconds(lambda: grad_fn(params, batch), repeats),
-        "hvp": median_seconds(lambda: hvp(mlp_loss, params, batch, vector), repeats),
+        "grad": median_seconds(lambda: grad_fn(params, batch), repeats=repeats),
+        "hvp": median_seconds(lambda: hvp(mlp_loss, params, batch, vector), repeats=repeats),
         "top_eigenvalue": median_seconds(
             lambda: top_eigenvalue(mlp_loss, params, batch, key=key, num_iters=num_iters),
-            repeats,
+            repeats=repeats,
         ),
         "slq": median_seconds(
             lambda: spectral_density(
                 mlp_loss, params, batch, key=key, num_iters=num_iters, num_probes=num_probes
             ),
-            repeats,
+            repeats=repeats,
         ),
         "hutchinson": median_seconds(
             lambda: hutchinson_trace(mlp_loss, params, batch, key=key, num_probes=num_probes),
-            repeats,
+            repeats=repeats,
         ),
     }
     products = {
