@@ -56,49 +56,45 @@ def conv_unfold(site: Site):
         # of size 1: put the examples in the conv's batch axis.
         return jnp.moveaxis(jnp.squeeze(x, 1 + batch_dim), 0, batch_dim)
 
-    def grouped(x):  # (b, *out_spatial, features) -> (b, G, P, features per group)
-        x = x.reshape(x.shape[0], -1, groups, x.shape[-1] // groups)
-        return jnp.transpose(x, (0, 2, 1, 3))
-
     strides, dilations = params["window_strides"], params["rhs_dilation"]
     padding, lhs_dilation = params["padding"], params["lhs_dilation"]
     out_spatial = [site.eqn.outvars[0].aval.shape[d] for d in out_spec[2:]]
 
     def patches_of(a):
-        """(b, *out_spatial, C·window) input patches, channel-major like the kernel."""
-        x = jnp.transpose(a, (lhs_spec[0], *lhs_spec[2:], lhs_spec[1]))  # (b, *S, C)
+        """(b, G, K, P) input patches: K = (window offset, channel in group), P output
+        positions last, so the per-example products are plain (K×P)·(P×N) matrix
+        products that need no transposed copy."""
+        x = jnp.transpose(a, (lhs_spec[0], lhs_spec[1], *lhs_spec[2:]))  # (b, C, *S)
         x = lax.pad(
             x,
             jnp.zeros((), x.dtype),
-            [(0, 0, 0)]
-            + [(lo, hi, dil - 1) for (lo, hi), dil in zip(padding, lhs_dilation, strict=True)]
-            + [(0, 0, 0)],
+            [(0, 0, 0)] * 2
+            + [(lo, hi, dil - 1) for (lo, hi), dil in zip(padding, lhs_dilation, strict=True)],
         )
         slices = []
         for offset in itertools.product(*(range(k) for k in window)):
-            start = [0] + [k * d for k, d in zip(offset, dilations, strict=True)] + [0]
-            limit = (
-                [x.shape[0]]
-                + [
-                    s + (n - 1) * st + 1
-                    for s, n, st in zip(start[1:], out_spatial, strides, strict=False)
-                ]
-                + [x.shape[-1]]
-            )
-            slices.append(lax.slice(x, start, limit, [1, *strides, 1]))
-        x = jnp.stack(slices, axis=-1)  # (b, *out, C, window)
-        return x.reshape(*x.shape[:-2], -1)
+            start = [0, 0] + [k * d for k, d in zip(offset, dilations, strict=True)]
+            limit = list(x.shape[:2]) + [
+                s + (n - 1) * st + 1
+                for s, n, st in zip(start[2:], out_spatial, strides, strict=True)
+            ]
+            slices.append(lax.slice(x, start, limit, [1, 1, *strides]))
+        x = jnp.stack(slices, axis=1)  # (b, window, C, *out)
+        x = x.reshape(x.shape[0], len(slices), groups, group_channels, -1)
+        return jnp.swapaxes(x, 1, 2).reshape(x.shape[0], groups, -1, x.shape[-1])
 
     def unfold(a, delta):
         patches = patches_of(rows_as_batch(a, lhs_spec[0]))
         delta = rows_as_batch(delta, out_spec[0])
         delta = jnp.transpose(delta, (out_spec[0], *out_spec[2:], out_spec[1]))
-        return grouped(patches), grouped(delta)
+        delta = delta.reshape(delta.shape[0], -1, groups, out_channels // groups)
+        return patches, jnp.swapaxes(delta, 1, 2)  # (b, G, K, P), (b, G, P, Oᵍ)
 
     def to_weight(x):
-        # (G, Cᵍ·window, Oᵍ) -> logical (O, Cᵍ, *window) -> the kernel's own layout.
-        x = x.reshape(groups, group_channels, *window, out_channels // groups)
-        x = jnp.moveaxis(x, -1, 1).reshape(out_channels, group_channels, *window)
+        # (G, window·Cᵍ, Oᵍ) -> logical (O, Cᵍ, *window) -> the kernel's own layout.
+        x = x.reshape(groups, *window, group_channels, out_channels // groups)
+        x = jnp.moveaxis(x, -1, 1)  # (G, Oᵍ, *window, Cᵍ)
+        x = jnp.moveaxis(x, -1, 2).reshape(out_channels, group_channels, *window)
         return jnp.transpose(x, np.argsort(rhs_spec))
 
     per_row = (

@@ -78,7 +78,7 @@ def site_stats(site: Site, records, delta, *, leaf_aval, coordinates: bool):
         unfold, to_weight, patch_size = conv_unfold(site)
         a = records[0]
         out = _chunked_sums(
-            lambda a, d: jnp.einsum("bhpk,bhpn->bhkn", *unfold(a, d)),
+            lambda a, d: jnp.einsum("bgkp,bgpn->bgkn", *unfold(a, d)),
             (a, delta),
             a.size + delta.size,
             coordinates,
@@ -282,10 +282,13 @@ def _chunked_sums(per_example_grads, inputs, budget: int, coordinates: bool, ext
 
     if chunk == batch:
         return sums(inputs)
-    chunks = jax.tree.map(lambda x: x.reshape((batch // chunk, chunk, *x.shape[1:])), inputs)
 
-    def step(carry, args):
-        return jax.tree.map(jnp.add, carry, sums(args)), None
+    def step(k, carry):
+        # Chunks are sliced in place from the leading axis: a reshape to (chunks, chunk,
+        # ...) for lax.scan made XLA copy every input into a chunk-major layout first.
+        args = jax.tree.map(lambda x: lax.dynamic_slice_in_dim(x, k * chunk, chunk), inputs)
+        return jax.tree.map(jnp.add, carry, sums(args))
 
-    init = jax.tree.map(jnp.zeros_like, jax.eval_shape(sums, jax.tree.map(lambda x: x[0], chunks)))
-    return lax.scan(step, init, chunks)[0]
+    first = jax.tree.map(lambda x: x[:chunk], inputs)
+    init = jax.tree.map(jnp.zeros_like, jax.eval_shape(sums, first))
+    return lax.fori_loop(0, batch // chunk, step, init)
