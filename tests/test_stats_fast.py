@@ -389,10 +389,14 @@ def test_unused_parameter_gives_zeros():
 
 
 def test_all_padding_batch_is_zero_even_with_nan():
-    params, batch = mlp_params(), mlp_batch(n=4)
-    batch = {"x": batch["x"].at[1].set(jnp.nan), "y": batch["y"]}
-    stats = per_example_stats(mlp_loss, backend="fast", coordinates=True)(
-        params, batch, jnp.zeros(4)
-    )
-    for leaf in jax.tree.leaves(stats):
-        np.testing.assert_array_equal(leaf, np.zeros_like(leaf))
+    # Row 0 stands in for the padding when there is no real row, so its NaN reaches every
+    # layer. The zeroing is on the inputs of the wide layers (W₁, W₂: fewer batch values
+    # than weights) and on the outputs of the others (biases, W₃ with its 3 columns).
+    for n in (4, 64):
+        params, batch = mlp_params(), mlp_batch(n=n)
+        batch = {"x": batch["x"].at[0].set(jnp.nan), "y": batch["y"]}
+        stats = per_example_stats(mlp_loss, backend="fast", coordinates=True)(
+            params, batch, jnp.zeros(n)
+        )
+        for leaf in jax.tree.leaves(stats):
+            np.testing.assert_array_equal(leaf, np.zeros_like(leaf))

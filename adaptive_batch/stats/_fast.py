@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import warnings
 from typing import Any
 
@@ -131,14 +132,35 @@ def _sums(plan: Plan, coordinates: bool, params, batch, mask):
     total, backward, (losses, records) = jax.vjp(masked_total, zeros, copies, has_aux=True)
     deltas, copy_grads = backward(jnp.ones_like(total))
 
+    # An all-padding batch (say a late micro-batch of a small batch in a big bucket) had
+    # no real row to stand in for the padding, which may hold NaN: results are zeroed
+    # then. (A lax.cond skipping the work instead made XLA:CPU run the whole pass 2x
+    # slower.) The zeroing is a select on the smaller side of each layer rule, its
+    # inputs or its outputs: a select after a matrix product keeps the product's result
+    # as one more parameter-sized temporary.
+    count = jnp.sum(mask, dtype=jnp.float32)
+    real = count > 0
+
+    def zero_if_no_real_row(x):
+        return jnp.where(real, x, jnp.zeros_like(x))
+
     grad_sum, sq_sum, sq_norm = [None] * len(leaves), [None] * len(leaves), []
+    guard_outputs = set(fallback)
     for path, site_records, delta in zip(paths, records, deltas, strict=True):
         site = plan.sites[path]
         site_records = [_widen(r) for r in site_records]
+        delta = _widen(delta)
+        leaf_size = math.prod(jnp.shape(leaves[site.view.leaf]))
+        input_size = delta.size + sum(r.size for r in site_records)
+        if input_size < leaf_size * (1 + coordinates):
+            site_records = [zero_if_no_real_row(r) for r in site_records]
+            delta = zero_if_no_real_row(delta)
+        else:
+            guard_outputs.add(site.view.leaf)
         g, q, s = site_stats(
             site,
             site_records,
-            _widen(delta),
+            delta,
             leaf_aval=jax.typeof(leaves[site.view.leaf]),
             coordinates=coordinates,
         )
@@ -150,20 +172,17 @@ def _sums(plan: Plan, coordinates: bool, params, batch, mask):
         sq_norm.append(jnp.sum(jnp.square(g)))
     for i in plan.unused:
         grad_sum[i] = sq_sum[i] = jnp.zeros(jnp.shape(leaves[i]), _acc(leaves[i]))
-    count = jnp.sum(mask, dtype=jnp.float32)
 
-    def guarded(tree):
-        # An all-padding batch (say a late micro-batch of a small batch in a big bucket)
-        # had no real row to stand in for the padding, which may hold NaN. (A lax.cond
-        # skipping the work instead made XLA:CPU run the whole pass 2x slower.)
-        return jax.tree.map(lambda x: jnp.where(count > 0, x, jnp.zeros_like(x)), tree)
+    def guarded(values):
+        values = [zero_if_no_real_row(x) if i in guard_outputs else x for i, x in enumerate(values)]
+        return jax.tree.unflatten(treedef, values)
 
     return GradStats(
         count=count,
         loss_sum=jnp.sum(masked(losses, mask)),
-        grad_sum=guarded(jax.tree.unflatten(treedef, grad_sum)),
-        sq_norm_sum=guarded(sum(sq_norm) if sq_norm else jnp.zeros((), jnp.float32)),
-        sq_sum=guarded(jax.tree.unflatten(treedef, sq_sum)) if coordinates else None,
+        grad_sum=guarded(grad_sum),
+        sq_norm_sum=zero_if_no_real_row(sum(sq_norm) if sq_norm else jnp.zeros((), jnp.float32)),
+        sq_sum=guarded(sq_sum) if coordinates else None,
     )
 
 

@@ -273,11 +273,10 @@ def _chunked_sums(per_example_grads, inputs, budget: int, coordinates: bool, ext
 
     def sums(args):
         g = per_example_grads(*args)
-        sq = jnp.square(g)
         return (
             jnp.sum(g, 0),
-            jnp.sum(sq),
-            jnp.sum(sq, 0) if coordinates else None,
+            jnp.sum(g * g),
+            jnp.sum(g * g, 0) if coordinates else None,
         )
 
     if chunk == batch:
