@@ -47,14 +47,32 @@ def test_pow2_from_16_to_4096_visits_nine_shapes():
 
 
 def test_plans_by_hand():
-    ctrl = BatchSizeController(16, 4096, max_microbatch_size=512, multiple_of=8)
+    ctrl = BatchSizeController(16, 4096, max_microbatch_size=512, multiple_of=8, fill_buckets=False)
     assert ctrl.plan_for(17) == BatchPlan(17, 32, 1, 32)
     assert ctrl.plan_for(513) == BatchPlan(513, 1024, 2, 512)
     assert ctrl.plan_for(4000) == BatchPlan(4000, 4096, 8, 512)
-    exact = BatchSizeController(1, 1000, buckets=None, multiple_of=4, max_microbatch_size=40)
+    exact = BatchSizeController(
+        1, 1000, buckets=None, multiple_of=4, max_microbatch_size=40, fill_buckets=False
+    )
     # 99 -> 100 rows -> 3 micro-batches of ceil(100/3)=34 -> 36 (multiple of 4): 108 rows.
     assert exact.plan_for(99) == BatchPlan(99, 108, 3, 36)
     assert exact.plan_for(7) == BatchPlan(7, 8, 1, 8)
+
+
+def test_filled_plans_by_hand():
+    ctrl = BatchSizeController(16, 4000, max_microbatch_size=512, multiple_of=8)
+    assert ctrl.plan_for(17) == BatchPlan(32, 32, 1, 32)
+    assert ctrl.plan_for(513) == BatchPlan(1024, 1024, 2, 512)
+    # Filled to the bucket (4000 = max); the split into 8 x 504 keeps 32 padding rows.
+    assert ctrl.plan_for(2100) == BatchPlan(4000, 4032, 8, 504)
+    # buckets=None: only rounding to multiple_of is filled.
+    exact = BatchSizeController(1, 1000, buckets=None, multiple_of=4, max_microbatch_size=40)
+    assert exact.plan_for(99) == BatchPlan(100, 108, 3, 36)
+    assert exact.plan_for(998) == BatchPlan(1000, 1000, 25, 40)
+    # A padded shape above max_batch_size keeps its padding.
+    capped = BatchSizeController(10, 100, multiple_of=3)  # buckets 18, 33, 66, 102
+    assert capped.plan_for(70) == BatchPlan(100, 102, 1, 102)
+    assert BatchSizeController(10, 100).plan.batch_size == 16  # the initial plan too
 
 
 def test_bucket_plans_cover_every_bucket():
@@ -72,10 +90,12 @@ def test_bucket_plans_cover_every_bucket():
 
 
 def test_clamp_and_monotone():
-    ctrl = BatchSizeController(16, 256)
+    ctrl = BatchSizeController(16, 256, fill_buckets=False)
     sizes = [ctrl.next(s).batch_size for s in [0, 40, 20, 10_000, 5]]
     assert sizes == [16, 40, 40, 256, 256]
-    free = BatchSizeController(16, 256, monotone=False, initial_batch_size=100)
+    filled = BatchSizeController(16, 256)
+    assert [filled.next(s).batch_size for s in [0, 40, 20, 10_000, 5]] == [16, 64, 64, 256, 256]
+    free = BatchSizeController(16, 256, monotone=False, initial_batch_size=100, fill_buckets=False)
     assert free.plan.batch_size == 100
     assert [free.next(s).batch_size for s in [0, 40, 20, 10_000, None]] == [16, 40, 20, 256, 256]
     assert free.history == ((0, 100), (1, 16), (2, 40), (3, 20), (4, 256))
@@ -83,7 +103,9 @@ def test_clamp_and_monotone():
 
 
 def test_lag_delays_suggestions():
-    ctrl = BatchSizeController(1, 1000, lag=2, monotone=False, initial_batch_size=7)
+    ctrl = BatchSizeController(
+        1, 1000, lag=2, monotone=False, initial_batch_size=7, fill_buckets=False
+    )
     assert [ctrl.next(s).batch_size for s in [10, 20, 30, 40]] == [7, 7, 10, 20]
 
 
@@ -100,7 +122,7 @@ def test_lag_reads_device_scalars_only_when_applied():
             self.read = True
             return self.value
 
-    ctrl = BatchSizeController(1, 1000, lag=1)
+    ctrl = BatchSizeController(1, 1000, lag=1, fill_buckets=False)
     first, second = Lazy(50), Lazy(60)
     ctrl.next(first)
     assert not first.read
@@ -114,7 +136,7 @@ def test_lag_reads_device_scalars_only_when_applied():
 )
 def test_numpy_and_jax_scalars(value):
     for lag in (0, 1):
-        ctrl = BatchSizeController(16, 4096, lag=lag)
+        ctrl = BatchSizeController(16, 4096, lag=lag, fill_buckets=False)
         plans = [ctrl.next(value) for _ in range(lag + 1)]
         assert plans[-1] == BatchPlan(300, 512, 1, 512)
         assert type(plans[-1].batch_size) is int
@@ -290,19 +312,39 @@ def controllers(draw):
         "multiple_of": mult,
         "max_microbatch_size": cap,
         "lag": draw(st.integers(0, 3)),
+        "fill_buckets": draw(st.booleans()),
     }
 
 
 suggestions = st.lists(st.none() | st.integers(0, 20_000), max_size=30)
 
 
+def _reference_filled(kwargs, size):
+    """``size`` grown to its padded shape (capped at max) when the controller fills."""
+    if not kwargs["fill_buckets"]:
+        return size
+    mult, buckets = kwargs["multiple_of"], kwargs["buckets"]
+    if buckets is None:
+        bucket = -(-size // mult) * mult
+    elif buckets == "pow2":
+        lo, hi = kwargs["min_batch_size"], kwargs["max_batch_size"]
+        ladder = [2**k for k in range(20) if lo <= 2**k < hi] + [hi]
+        if lo & (lo - 1) and lo < hi:  # a min that is not a power of two: next one
+            ladder = [b for b in ladder if b > lo] or [hi]
+        bucket = min(-(-b // mult) * mult for b in ladder if -(-b // mult) * mult >= size)
+    else:
+        bucket = min(b for b in buckets if b >= size)
+    return max(size, min(bucket, kwargs["max_batch_size"]))
+
+
 def _reference_sizes(kwargs, seq):
     """Batch sizes the rule in the controller's docstring gives, written out directly."""
-    size, out = kwargs["initial_batch_size"], []
+    size, out = _reference_filled(kwargs, kwargs["initial_batch_size"]), []
     delayed = [None] * kwargs["lag"] + list(seq)
     for s in delayed[: len(seq)]:
         if s is not None:
             s = min(max(s, kwargs["min_batch_size"]), kwargs["max_batch_size"])
+            s = _reference_filled(kwargs, s)
             size = max(s, size) if kwargs["monotone"] else s
         out.append(size)
     return out
@@ -350,7 +392,7 @@ def test_plans_follow_the_rule(kwargs, seq):
 )
 def test_pow2_ladder_is_short_and_wastes_under_half(lo, extra, mult, seq):
     hi = lo + extra
-    ctrl = BatchSizeController(lo, hi, multiple_of=mult, monotone=False)
+    ctrl = BatchSizeController(lo, hi, multiple_of=mult, monotone=False, fill_buckets=False)
     n = len(ctrl.buckets)
     assert n <= max(1, math.floor(math.log2(hi)) - math.ceil(math.log2(lo)) + 2)
     assert ctrl.buckets[-1] == -(-hi // mult) * mult

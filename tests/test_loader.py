@@ -247,7 +247,8 @@ def test_controller_with_lag_and_prefetch_loop():
             batches.append(loader.next())
             loader.request(ctrl.next(s))  # applies the previous step's suggestion
         assert loader.pending == 1
-    assert [b.batch_size for b in batches] == [4, 4, 7, 20, 20, 50, 64]
+    # Filled to the buckets (the controller's default): no padding rows.
+    assert [b.batch_size for b in batches] == [4, 4, 8, 32, 32, 64, 64]
     assert [b.mask.shape[0] for b in batches] == [4, 4, 8, 32, 32, 64, 64]
     assert sorted(real_ids(batches)[:100].tolist()) == list(range(100))
 

@@ -71,7 +71,12 @@ def grow_run(buckets, *, compile_ahead=False, lag=0, max_microbatch_size=None):
     tx = optax.chain(grow_rule(), optax.sgd(1e-3))
     step = ab.make_train_step(loss_fn, tx)
     controller = ab.BatchSizeController(
-        16, 4096, buckets=buckets, lag=lag, max_microbatch_size=max_microbatch_size
+        16,
+        4096,
+        buckets=buckets,
+        lag=lag,
+        max_microbatch_size=max_microbatch_size,
+        fill_buckets=False,  # exact sizes: many distinct sizes share each bucket
     )
     w = jnp.zeros(FEATURES)
     with CompileEvents() as events:
@@ -239,15 +244,14 @@ def test_data_parallel_fit_matches_single_device_fit():
     assert parallel.state[0].sharding.is_fully_replicated
 
 
-def test_fill_buckets_uses_the_padding_rows_for_real_examples():
+def test_default_controller_fills_the_padding_rows_with_real_examples():
     tx = optax.chain(grow_rule(factor=1.3, start=10), optax.sgd(0.01))
     step = ab.make_train_step(loss_fn, tx)
     w = jnp.zeros(FEATURES)
     controller = ab.BatchSizeController(10, 100, buckets="pow2")  # buckets 16, 32, 64, 100
     result = ab.fit(
-        step, (w, tx.init(w)), make_source(500), controller, examples=700, fill_buckets=True,
-        progress=False,
-    )  # fmt: skip
+        step, (w, tx.init(w)), make_source(500), controller, examples=700, progress=False
+    )
     steps = result.history.steps
     # 16 real rows -> asks 21 -> bucket 32, filled -> asks 42 -> 64 -> asks 84 -> 100.
     assert [r["padded_size"] for r in steps[:4]] == [16, 32, 64, 100]

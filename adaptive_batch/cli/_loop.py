@@ -48,8 +48,11 @@ class LoopConfig:
     seed: int = 0
     devices: int = 1
     evals: int = 100  # evaluations on the test set spread over the budget
-    stats_backend: str = "vmap"
+    stats_backend: str = "auto"
     tolerance: float | None = None  # the test's η / θ; None: the method's default
+    # The command measures each method's own batch sizes (sample efficiency), so it
+    # pads to the bucket by default instead of filling it (BatchSizeController's default).
+    fill_buckets: bool = False
 
 
 def _masked_mean(values, mask):
@@ -134,6 +137,7 @@ def run(
             monotone=method.monotone,
             buckets="pow2",
             multiple_of=config.devices,
+            fill_buckets=config.fill_buckets,
         )
     else:
         controller = BatchSizeController(

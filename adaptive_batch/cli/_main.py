@@ -88,8 +88,14 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         "--evals", type=int, default=100, help="test-set evaluations spread over the budget"
     )
     p.add_argument(
-        "--stats-backend", default="vmap", choices=("vmap", "fast", "auto"),
+        "--stats-backend", default="auto", choices=("auto", "fast", "vmap"),
         help="how per-example gradient statistics are computed (see per_example_stats)",
+    )  # fmt: skip
+    p.add_argument(
+        "--fill-buckets", action="store_true",
+        help="fill each batch to its pow2 bucket with real examples (faster per example; "
+        "the method then sees up to 2x the batch it asked for). Default: the method's "
+        "exact sizes, padded",
     )  # fmt: skip
     p.add_argument(
         "--overwrite", action="store_true",

@@ -39,6 +39,7 @@ class Options:
     evals: int
     stats_backend: str
     eta: float | None = None
+    fill_buckets: bool = False
 
     def budget(self, dataset: Dataset) -> int:
         """The examples budget: ``--examples``, or ``--epochs`` × training-set size."""
@@ -118,7 +119,7 @@ def common(args) -> Options:
         min_batch_size=args.min_batch_size, max_batch_size=args.max_batch_size,
         batch_size=batch_size, lr=args.lr, seed=args.seed, devices=args.devices,
         num_samples=args.num_samples, evals=args.evals, stats_backend=args.stats_backend,
-        eta=args.eta,
+        eta=args.eta, fill_buckets=args.fill_buckets,
     )  # fmt: skip
 
 

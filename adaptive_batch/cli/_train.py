@@ -69,6 +69,7 @@ def train_one(
         max_batch_size=options.max_batch_size, batch_size=options.batch_size,
         examples=budget, seed=options.seed, devices=options.devices, evals=options.evals,
         stats_backend=options.stats_backend, tolerance=options.eta,
+        fill_buckets=options.fill_buckets,
     )  # fmt: skip
     import jax
 

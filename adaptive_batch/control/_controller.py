@@ -4,14 +4,23 @@ Pure Python (no JAX, no NumPy), so the host loop can use it anywhere and tests r
 without devices. The rule, applied at every call of `BatchSizeController.next`:
 
 1. clamp:     b = clip(s, min_batch_size, max_batch_size)         (s: the suggestion)
-2. monotone:  b = max(b, b_prev)                                   (if ``monotone``)
-3. bucket:    P = the smallest bucket >= b                         (the compiled shape)
-4. split:     k = ceil(P / max_microbatch_size),  m = round_up(ceil(P / k), multiple_of),
+2. bucket:    P = the smallest bucket >= b                         (the compiled shape)
+3. split:     k = ceil(P / max_microbatch_size),  m = round_up(ceil(P / k), multiple_of),
               padded_size = k · m  (>= P)
+4. fill:      b = min(P, max_batch_size)                           (if ``fill_buckets``)
+5. monotone:  b = max(b, b_prev)                                   (if ``monotone``)
 
 so every plan satisfies min <= batch_size <= max, batch_size <= padded_size =
 num_microbatches · microbatch_size, and microbatch_size % multiple_of == 0. Because the
 plan depends on b only through its bucket, a run compiles one step per bucket it visits.
+
+Why fill by default: a padding row costs the same compute as a real one, so a padded
+batch of b real rows in a bucket of P runs at b / P of a fixed-batch loop's speed (55%
+padding on the norm test's growth with ``"pow2"`` buckets, `benchmarks/loop.py`).
+Filling gives the method at least the batch it asked for, which the adaptive sampling
+tests and AdAdaGrad ask for as a *minimum*, and for CABS is a less noisy gradient at
+the same learning rate. Set ``fill_buckets=False`` to run each rule's exact sizes
+(sample-efficiency studies: more examples per step than asked are not free there).
 """
 
 from __future__ import annotations
@@ -108,19 +117,26 @@ class BatchSizeController:
         less than ``k * multiple_of``. ``None``: never split.
       lag: how many calls of `next` late a suggestion takes effect (see `next`).
         ``lag=1`` lets the host build the next batch while the device runs this step.
+      fill_buckets: True (default): the batch takes as many real examples as its
+        bucket holds (up to ``max_batch_size``), so no compute goes to padding (but the
+        few rows the micro-batch split adds) and the batch size moves in bucket steps.
+        False: exactly the suggested size, the rest of the bucket is masked padding.
 
     Example:
       >>> ctrl = BatchSizeController(16, 4096, buckets="pow2", max_microbatch_size=512)
       >>> ctrl.plan
       BatchPlan(batch_size=16, padded_size=16, num_microbatches=1, microbatch_size=16)
-      >>> ctrl.next(100)
-      BatchPlan(batch_size=100, padded_size=128, num_microbatches=1, microbatch_size=128)
+      >>> ctrl.next(100)  # filled to its bucket
+      BatchPlan(batch_size=128, padded_size=128, num_microbatches=1, microbatch_size=128)
       >>> ctrl.next(50)  # monotone: does not shrink
-      BatchPlan(batch_size=100, padded_size=128, num_microbatches=1, microbatch_size=128)
+      BatchPlan(batch_size=128, padded_size=128, num_microbatches=1, microbatch_size=128)
       >>> ctrl.next(3000)
-      BatchPlan(batch_size=3000, padded_size=4096, num_microbatches=8, microbatch_size=512)
+      BatchPlan(batch_size=4096, padded_size=4096, num_microbatches=8, microbatch_size=512)
       >>> len(ctrl.buckets)
       9
+      >>> exact = BatchSizeController(16, 4096, fill_buckets=False)
+      >>> exact.next(100)  # 28 rows of masked padding
+      BatchPlan(batch_size=100, padded_size=128, num_microbatches=1, microbatch_size=128)
 
     References:
       Balles et al., "Coupling Adaptive Batch Sizes with Learning Rates" (CABS),
@@ -139,6 +155,7 @@ class BatchSizeController:
         multiple_of: int = 1,
         max_microbatch_size: int | None = None,
         lag: int = 0,
+        fill_buckets: bool = True,
     ):
         self.min_batch_size = as_int("min_batch_size", min_batch_size, minimum=1)
         self.max_batch_size = as_int(
@@ -158,6 +175,9 @@ class BatchSizeController:
         if not isinstance(monotone, bool):
             raise TypeError(f"monotone must be True or False, got {monotone!r}.")
         self.monotone = monotone
+        if not isinstance(fill_buckets, bool):
+            raise TypeError(f"fill_buckets must be True or False, got {fill_buckets!r}.")
+        self.fill_buckets = fill_buckets
         self.multiple_of = as_int("multiple_of", multiple_of, minimum=1)
         self.max_microbatch_size = None
         if max_microbatch_size is not None:
@@ -171,6 +191,7 @@ class BatchSizeController:
             self.max_microbatch_size = cap
         self.lag = as_int("lag", lag, minimum=0)
         self._buckets = self._make_buckets(buckets)
+        initial = self._filled(initial)
         self._batch_size = initial
         self._step = 0
         self._pending: deque[Any] = deque([None] * self.lag)
@@ -224,7 +245,8 @@ class BatchSizeController:
         return self._buckets
 
     def plan_for(self, batch_size: int) -> BatchPlan:
-        """The plan for ``batch_size`` real examples, min <= batch_size <= max.
+        """The plan for ``batch_size`` examples, min <= batch_size <= max (with
+        ``fill_buckets`` its ``batch_size`` is the filled size).
 
         Pure (changes no state): use it to compile the step for a bucket ahead of time.
         """
@@ -234,10 +256,28 @@ class BatchSizeController:
                 f"batch_size={size} is above max_batch_size={self.max_batch_size}; pass a "
                 f"value in [{self.min_batch_size}, {self.max_batch_size}]."
             )
+        plan = self._padded_plan(size)
+        if self.fill_buckets:
+            plan = dataclasses.replace(plan, batch_size=self._filled(size))
+        return plan
+
+    def _bucket(self, size: int) -> int:
         if self._buckets is None:
-            bucket = round_up(size, self.multiple_of)
-        else:
-            bucket = self._buckets[bisect.bisect_left(self._buckets, size)]
+            return round_up(size, self.multiple_of)
+        return self._buckets[bisect.bisect_left(self._buckets, size)]
+
+    def _filled(self, size: int) -> int:
+        """``size`` grown to its bucket (capped at max_batch_size): the same shape.
+
+        Not to the padded size: a micro-batch split may round that past the bucket, and
+        a batch that large would belong to the next bucket.
+        """
+        if not self.fill_buckets:
+            return size
+        return max(size, min(self._bucket(size), self.max_batch_size))
+
+    def _padded_plan(self, size: int) -> BatchPlan:
+        bucket = self._bucket(size)
         k = 1 if self.max_microbatch_size is None else math.ceil(bucket / self.max_microbatch_size)
         m = round_up(math.ceil(bucket / k), self.multiple_of)
         return BatchPlan(batch_size=size, padded_size=k * m, num_microbatches=k, microbatch_size=m)
@@ -300,7 +340,7 @@ class BatchSizeController:
         applied = self._pending.popleft()
         if applied is not None:
             size = as_int("suggested batch size", applied, minimum=0, hint=_NEGATIVE_HINT)
-            size = min(max(size, self.min_batch_size), self.max_batch_size)
+            size = self._filled(min(max(size, self.min_batch_size), self.max_batch_size))
             if self.monotone:
                 size = max(size, self._batch_size)
             if size != self._batch_size:
@@ -370,5 +410,6 @@ class BatchSizeController:
             f"BatchSizeController(min_batch_size={self.min_batch_size}, max_batch_size="
             f"{self.max_batch_size}, monotone={self.monotone}, buckets={self._buckets}, "
             f"multiple_of={self.multiple_of}, max_microbatch_size={self.max_microbatch_size}"
-            f", lag={self.lag}, step={self._step}, batch_size={self._batch_size})"
+            f", lag={self.lag}, fill_buckets={self.fill_buckets}, step={self._step}, "
+            f"batch_size={self._batch_size})"
         )

@@ -26,7 +26,7 @@ from adaptive_batch.control._checks import as_int
 from adaptive_batch.data import _placement
 from adaptive_batch.data._order import EpochOrder
 from adaptive_batch.data._prefetch import Prefetcher
-from adaptive_batch.data._sources import as_source
+from adaptive_batch.data._sources import as_source, flatten
 
 PyTree = Any
 
@@ -75,13 +75,25 @@ class _Builder:
 
     def __call__(self, position: int, batch_size: int, padded_size: int) -> Batch:
         indices = self.order.take(position, batch_size, span_epochs=self.span_epochs)
-        data = self.source.gather(indices, padded_size)
-        mask = np.zeros((padded_size,), bool)
-        mask[: len(indices)] = True
+        start, stop = 0, padded_size
+        if self.sharding is not None:  # with several processes, only this one's rows
+            start, stop = _placement.local_rows(self.sharding, padded_size)
+        data = self._gather(indices[start:stop], stop - start, indices)
+        mask = np.zeros((stop - start,), bool)
+        mask[: max(0, len(indices) - start)] = True
         if self.sharding is not None:
-            data, mask = _placement.place(data, mask, self.sharding)
+            data, mask = _placement.place(data, mask, self.sharding, padded_size)
         epoch, index = divmod(position, self.order.num_examples)
         return Batch(data, mask, len(indices), epoch, index)
+
+    def _gather(self, rows, size, indices):
+        if len(rows) or not len(indices):
+            return self.source.gather(rows, size)
+        # This process holds padding only: read one example for the structure, zero it.
+        data = self.source.gather(indices[:1], size)
+        for leaf in flatten(data)[0]:
+            leaf[:] = 0
+        return data
 
 
 class Loader:

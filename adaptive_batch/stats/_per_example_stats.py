@@ -27,7 +27,7 @@ def per_example_stats(
     *,
     coordinates: bool = False,
     inner: bool = False,
-    backend: str = "vmap",
+    backend: str = "auto",
     microbatch_size: int | None = None,
 ) -> StatsFn:
     r"""Build ``stats_fn(params, batch, mask=None, direction=None) -> GradStats``.
@@ -51,11 +51,12 @@ def per_example_stats(
       coordinates: also return ``sq_sum`` = Σᵢ gᵢ⊙gᵢ (needed by coordinate-wise rules).
       inner: also return ``inner_sum`` and ``inner_sq_sum`` (inner-product tests). Costs
         one extra forward-mode pass over the batch.
-      backend: ``"vmap"``: exact per-example gradients with ``jax.vmap``. ``"fast"``:
-        per-layer rules from one backward pass, no per-example gradients in memory;
-        parameters without a rule (tied weights, ...) get exact per-example gradients,
-        with a warning (see `fast_stats_report`). ``"auto"``: ``"fast"`` without the
-        warning where any parameter has a rule, ``"vmap"`` otherwise.
+      backend: ``"auto"`` (default): ``"fast"`` without the fallback warning where
+        any parameter has a rule, ``"vmap"`` otherwise (or when the loss cannot be
+        traced). ``"fast"``: per-layer rules from one backward pass, no per-example
+        gradients in memory; parameters without a rule (tied weights, ...) get exact
+        per-example gradients, with a warning (see `fast_stats_report`). ``"vmap"``:
+        exact per-example gradients with ``jax.vmap`` (memory B × params).
       microbatch_size: process the batch in chunks of this many rows (with
         ``optax.microbatching``), bounding the per-example gradient memory to
         microbatch_size × params. Any batch size works; the last chunk is padded and

@@ -68,7 +68,6 @@ def fit(
     prefetch: int = 2,
     sharding: Any = None,
     compile_ahead: bool = False,
-    fill_buckets: bool = False,
     log_every: int = 10,
     progress: bool = True,
 ) -> FitResult:
@@ -95,12 +94,6 @@ def fit(
       eval_every: steps between evaluations (None: only at the end).
       compile_ahead: compile the step for the next bucket on a background thread
         while training in the current one (``jit(...).lower(...).compile()``).
-      fill_buckets: fill the padding rows with real examples: each batch takes
-        ``min(padded_size, max_batch_size)`` examples instead of the planned size. The
-        padded rows cost compute anyway; for rules that ask for a *minimum* batch size
-        (the norm and inner-product tests, AdAdaGrad) a larger batch also satisfies
-        them. It changes the batch sizes a method sees (CABS couples its size to the
-        learning rate), so it is off by default.
       log_every: read the losses to the host (one transfer) and refresh the progress
         bar every this many steps.
       progress: show a tqdm progress bar with the batch size and loss.
@@ -132,9 +125,8 @@ def fit(
     if not isinstance(controller, BatchSizeController):
         raise TypeError(f"controller must be a BatchSizeController, got {controller!r}.")
     _check_budget(steps, epochs, examples)
-    for name, flag in (("compile_ahead", compile_ahead), ("fill_buckets", fill_buckets)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be True or False, got {flag!r}.")
+    if not isinstance(compile_ahead, bool):
+        raise TypeError(f"compile_ahead must be True or False, got {compile_ahead!r}.")
     for name, value in (("eval_every", eval_every), ("log_every", log_every)):
         if value is not None and (
             isinstance(value, bool) or not isinstance(value, int) or value < 1
@@ -160,9 +152,6 @@ def fit(
 
     def request(plan: BatchPlan) -> None:
         nonlocal requested
-        if fill_buckets:
-            rows = min(plan.padded_size, controller.max_batch_size)
-            plan = dataclasses.replace(plan, batch_size=max(rows, plan.batch_size))
         remaining = max_examples - requested
         if remaining < plan.batch_size:  # the budget ends inside this batch
             plan = dataclasses.replace(plan, batch_size=int(remaining))

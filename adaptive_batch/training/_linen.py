@@ -41,7 +41,7 @@ def make_linen_train_step(
     *,
     coordinates: bool | None = None,
     inner: bool | None = None,
-    backend: str = "vmap",
+    backend: str = "auto",
     stats_microbatch_size: int | None = None,
     donate: bool = False,
 ) -> LinenTrainStep:
