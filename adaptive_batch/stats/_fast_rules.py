@@ -83,6 +83,7 @@ def site_stats(site: Site, records, delta, *, leaf_aval, coordinates: bool):
             a.size + delta.size,
             coordinates,
             extra_per_row=patch_size,
+            slice_in_place=True,
         )
         out = tuple(to_weight(x) if x is not None and x.ndim else x for x in out)
     elif rule == "embedding":
@@ -261,7 +262,9 @@ def _products(site: Site, records, delta, leaf_aval, coordinates):
     return _chunked_sums(lambda r, d: per_example(r, d), (records, delta), budget, coordinates)
 
 
-def _chunked_sums(per_example_grads, inputs, budget: int, coordinates: bool, extra_per_row=0):
+def _chunked_sums(
+    per_example_grads, inputs, budget: int, coordinates: bool, extra_per_row=0, slice_in_place=False
+):
     """Σ g, Σ‖g‖², [Σ g⊙g] of per-example grads, ≤ budget elements of them (and of
     ``extra_per_row`` intermediates per example) at a time."""
     batch = jax.tree.leaves(inputs)[0].shape[0]
@@ -281,13 +284,25 @@ def _chunked_sums(per_example_grads, inputs, budget: int, coordinates: bool, ext
 
     if chunk == batch:
         return sums(inputs)
+    if slice_in_place:
+        # Chunks sliced from the leading axis where they lie: a reshape to (chunks, chunk,
+        # ...) for lax.scan makes XLA copy the inputs into a chunk-major layout first,
+        # which for convolution records cost more time than the patches themselves.
 
-    def step(k, carry):
-        # Chunks are sliced in place from the leading axis: a reshape to (chunks, chunk,
-        # ...) for lax.scan made XLA copy every input into a chunk-major layout first.
-        args = jax.tree.map(lambda x: lax.dynamic_slice_in_dim(x, k * chunk, chunk), inputs)
-        return jax.tree.map(jnp.add, carry, sums(args))
+        def step(k, carry):
+            args = jax.tree.map(lambda x: lax.dynamic_slice_in_dim(x, k * chunk, chunk), inputs)
+            return jax.tree.map(jnp.add, carry, sums(args))
 
-    first = jax.tree.map(lambda x: x[:chunk], inputs)
-    init = jax.tree.map(jnp.zeros_like, jax.eval_shape(sums, first))
-    return lax.fori_loop(0, batch // chunk, step, init)
+        first = jax.tree.map(lambda x: x[:chunk], inputs)
+        init = jax.tree.map(jnp.zeros_like, jax.eval_shape(sums, first))
+        return lax.fori_loop(0, batch // chunk, step, init)
+    # Per-example products of dense layers: measured on XLA:CPU, the same loop as above
+    # kept a relaid copy of each chunk's products (transformer B=64 with coordinates:
+    # 1.40x the plain gradient's temporary memory, 1.16x with scan).
+    chunks = jax.tree.map(lambda x: x.reshape((batch // chunk, chunk, *x.shape[1:])), inputs)
+
+    def scan_step(carry, args):
+        return jax.tree.map(jnp.add, carry, sums(args)), None
+
+    init = jax.tree.map(jnp.zeros_like, jax.eval_shape(sums, jax.tree.map(lambda x: x[0], chunks)))
+    return lax.scan(scan_step, init, chunks)[0]
