@@ -227,6 +227,35 @@ def test_cnn2d_stride_padding_dilation_groups():
     assert report["['c1']"] == report["['c2']"] == "conv"
 
 
+def test_cnn2d_channels_first_transposed_conv_in_chunks():
+    """NCHW / OIHW layouts, a transposed convolution (input dilation) with feature
+    groups, and a batch large enough that the unfolded patches are processed a chunk of
+    examples at a time (the chunks are sliced where they lie, so a wrong offset would
+    mix examples up)."""
+    ks = keys(4)
+    params = {
+        "c1": jax.random.normal(ks[0], (6, 3, 3, 2)) * 0.3,  # OIHW, 3 in, 6 out
+        "c2": jax.random.normal(ks[1], (4, 3, 2, 2)) * 0.3,  # 2 groups: 6 in -> 4 out
+    }
+    dn = ("NCHW", "OIHW", "NCHW")
+
+    def loss_fn(p, batch):
+        h = lax.conv_general_dilated(
+            batch["x"], p["c1"], (1, 2), ((1, 1), (0, 1)), dimension_numbers=dn
+        )
+        h = lax.conv_general_dilated(
+            jnp.tanh(h), p["c2"], (1, 1), ((1, 1), (1, 0)), lhs_dilation=(2, 1),
+            feature_group_count=2, dimension_numbers=dn,
+        )  # fmt: skip
+        return jnp.sum(jnp.tanh(h).mean(axis=(2, 3)) ** 2, axis=-1) * batch["y"]
+
+    n = 24
+    batch = {"x": jax.random.normal(ks[2], (n, 3, 5, 7)), "y": jax.random.uniform(ks[3], (n,))}
+    mask = jnp.ones(n).at[jnp.array([2, 13, 23])].set(0)
+    assert_stats_close(*both_backends(loss_fn, params, batch, mask, coordinates=True))
+    assert set(fast_stats_report(loss_fn, params, batch).values()) == {"conv"}
+
+
 def test_nnx_conv1d_norms_only():
     loss_fn, params = nnx_loss(Conv1dNet(nnx.Rngs(0)))
     ks = keys(2)
