@@ -178,7 +178,7 @@ def test_statistics_options_are_detected_from_the_transform():
     params = init_params()
     data = make_data(16)
     cases = {
-        "plain": (optax.sgd(0.1), (False, False)),
+        "plain": (optax.sgd(0.1), None),  # the mean gradient only
         "cabs": (ab.cabs(0.1, min_batch_size=2), (False, False)),
         "coordinate": (optax.chain(ab.coordinate_norm_test(0.5, min_batch_size=2), optax.sgd(0.1)),
                        (True, False)),
@@ -203,6 +203,59 @@ def test_plain_optax_transform_and_learning_rate_metric():
     reference = brute_force_stats(params, data, np.arange(32))
     expected = flat(params) - 0.25 * reference["grad_sum"] / 32
     np.testing.assert_allclose(flat(new_params), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_plain_transform_takes_one_gradient_and_no_per_example_pass():
+    params = init_params()
+    data = make_data(12)
+    data["x"][9:] = np.nan  # padding rows (mask 0) holding NaN
+    mask = np.arange(12) < 9
+    shapes = []
+
+    def recording_loss(params, batch):
+        shapes.append(batch["x"].shape[0])  # at trace time: the rows it is called with
+        return loss_fn(params, batch)
+
+    tx = optax.sgd(0.25)
+    step = ab.make_train_step(recording_loss, tx)
+    new_params, _, metrics = step(params, tx.init(params), data, mask)
+    assert shapes and set(shapes) == {12}  # the whole batch; never one example
+    reference = brute_force_stats(params, data, np.arange(9))
+    expected = flat(params) - 0.25 * reference["grad_sum"] / 9
+    np.testing.assert_allclose(flat(new_params), expected, rtol=1e-5, atol=1e-6)
+    assert float(metrics["count"]) == 9
+    assert float(metrics["loss"]) == pytest.approx(reference["loss_sum"] / 9, rel=1e-5)
+    # Three micro-batches of 4 give the same step.
+    split, _, _ = step(params, tx.init(params), data, mask, num_microbatches=3)
+    np.testing.assert_allclose(flat(split), flat(new_params), rtol=1e-5, atol=1e-6)
+    # So do four of 3, the last one (rows 3::4) all padding with NaN.
+    rows = np.array([i for i in range(12) if i % 4 != 3])
+    holes = make_data(12)
+    holes["x"][3::4] = np.nan
+    stepped, _, _ = step(params, tx.init(params), holes, np.arange(12) % 4 != 3, num_microbatches=4)
+    reference = brute_force_stats(params, holes, rows)
+    expected = flat(params) - 0.25 * reference["grad_sum"] / len(rows)
+    assert np.isfinite(expected).all()
+    np.testing.assert_allclose(flat(stepped), expected, rtol=1e-5, atol=1e-6)
+
+    # Asking for a statistics option forces the per-example pass.
+    shapes.clear()
+    forced = ab.make_train_step(recording_loss, tx, coordinates=False)
+    forced_params, _, _ = forced(params, tx.init(params), data, mask)
+    assert 1 in shapes
+    np.testing.assert_allclose(flat(forced_params), flat(new_params), rtol=1e-5, atol=1e-6)
+
+
+def test_plain_statistics_refuse_to_give_a_variance():
+    step = ab.make_train_step(loss_fn, optax.sgd(0.1))
+    params = init_params()
+    stats = step.stats(step.tx, params, step.tx.init(params), make_data(4), np.ones(4, bool), 1)
+    assert stats.sq_norm_sum is None
+    with pytest.raises(ValueError, match="plain gradient"):
+        stats.variance()
+    with pytest.raises(TypeError, match="plain gradient"):
+        tx = ab.norm_test(0.1)
+        tx.update(stats.mean_grad, tx.init(params), params, grad_stats=stats)
 
 
 def test_step_rejects_bad_input():

@@ -40,7 +40,8 @@ class GradStats(NamedTuple):
     * ``count`` — b, float32 scalar.
     * ``loss_sum`` — Σᵢ ℓᵢ, scalar.
     * ``grad_sum`` — Σᵢ gᵢ, a pytree shaped like the params.
-    * ``sq_norm_sum`` — Σᵢ ‖gᵢ‖², scalar.
+    * ``sq_norm_sum`` — Σᵢ ‖gᵢ‖², scalar; ``None`` only in the statistics of a plain
+      gradient (a train step for a transform that takes no ``grad_stats``).
     * ``sq_sum`` — Σᵢ gᵢ ⊙ gᵢ, a pytree like the params; ``None`` unless asked for
       (``coordinates=True``).
     * ``inner_sum`` — Σᵢ pᵢ with pᵢ = gᵢ·d; ``None`` unless asked for (``inner=True``).
@@ -64,7 +65,7 @@ class GradStats(NamedTuple):
     count: jax.Array  # () float32
     loss_sum: jax.Array  # () float
     grad_sum: PyTree  # like params
-    sq_norm_sum: jax.Array  # () float
+    sq_norm_sum: jax.Array | None = None  # () float; None: a plain gradient's
     sq_sum: PyTree | None = None  # like params, or None
     inner_sum: jax.Array | None = None  # () float, or None
     inner_sq_sum: jax.Array | None = None  # () float, or None
@@ -108,6 +109,7 @@ class GradStats(NamedTuple):
     @property
     def mean_sq_norm(self) -> jax.Array:
         """(1/b) Σ ‖gᵢ‖²."""
+        self._require_sq_norm("mean_sq_norm")
         return _safe_divide(self.sq_norm_sum, self.count)
 
     # ----------------------------------------------------------------- variances
@@ -118,6 +120,7 @@ class GradStats(NamedTuple):
         Uses Σᵢ‖gᵢ − ḡ‖² = Σᵢ‖gᵢ‖² − b‖ḡ‖². ``ddof=0`` is the biased estimate of CABS
         (its ξ); ``ddof=1`` the unbiased one of the adaptive sampling tests.
         """
+        self._require_sq_norm("variance")
         deviation = self.sq_norm_sum - self.count * self.mean_grad_sq_norm
         return _safe_divide(jnp.maximum(deviation, 0), self.count - ddof)
 
@@ -158,10 +161,19 @@ class GradStats(NamedTuple):
         ``inner=True``.
         """
         self._require_inner("orthogonal_variance")
+        self._require_sq_norm("orthogonal_variance")
         if direction_sq_norm is None:
             direction_sq_norm = self.mean_grad_sq_norm
         deviation = self.sq_norm_sum - _safe_divide(self.inner_sq_sum, direction_sq_norm)
         return _safe_divide(jnp.maximum(deviation, 0), self.count - ddof)
+
+    def _require_sq_norm(self, name: str) -> None:
+        if self.sq_norm_sum is None:
+            raise ValueError(
+                f"{name} needs Σ‖gᵢ‖², which these statistics of a plain gradient do not "
+                "hold. Compute them with per_example_stats(loss_fn), or build the train "
+                "step with make_train_step(..., coordinates=False) to force them."
+            )
 
     def _require_inner(self, name: str) -> None:
         if self.inner_sum is None or self.inner_sq_sum is None:

@@ -22,6 +22,7 @@ from flax import nnx
 from adaptive_batch.stats import GradStats, per_example_stats
 from adaptive_batch.training._accumulate import batch_stats
 from adaptive_batch.training._metrics import step_metrics
+from adaptive_batch.training._plain import plain_stats_fn
 
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree], jax.Array]
@@ -46,12 +47,22 @@ def _abstract(tree: PyTree) -> PyTree:
     return jax.tree.map(leaf, tree)
 
 
-def needed_stats(tx, params, opt_state, coordinates=None, inner=None) -> tuple[bool, bool]:
+def needed_stats(tx, params, opt_state, coordinates=None, inner=None) -> tuple[bool, bool] | None:
     """The cheapest (coordinates, inner) statistics ``tx`` accepts, found by abstract
     evaluation of ``tx.update`` (no FLOPs): a transform that needs a sum it is not given
     raises a TypeError (the package's ``grad_stats`` contract). Explicit settings win.
+
+    None: ``tx`` runs without ``grad_stats`` (a plain Optax transform) and neither
+    setting was given, so the step needs only the mean gradient.
     """
     params, opt_state = _abstract(params), _abstract(opt_state)
+    if coordinates is None and inner is None:
+        try:
+            jax.eval_shape(lambda p, s: tx.update(p, s, p), params, opt_state)
+        except Exception:  # any failure without grad_stats: it needs them
+            pass
+        else:
+            return None
     scalar = jax.ShapeDtypeStruct((), np.float32)
     first_error = None
     for want_coordinates, want_inner in _STATS_OPTIONS:
@@ -136,6 +147,11 @@ class TrainStep:
             pure = nnx.as_pure((params, opt_state))
             extra_args_tx = optax.with_extra_args_support(tx)
             self._options[tx] = needed_stats(extra_args_tx, *pure, self._coordinates, self._inner)
+        if self._options[tx] is None:  # a plain transform: the mean gradient is enough
+            stats_fn = plain_stats_fn(self.loss_fn if loss_fn is None else loss_fn)
+            return batch_stats(
+                stats_fn, None, params, data, mask, num_microbatches=num_microbatches
+            )
         coordinates, inner = self._options[tx]
         if loss_fn is None:
             stats_fn = self._stats_fn(coordinates, inner and num_microbatches == 1)
@@ -280,9 +296,12 @@ def make_train_step(
     Args:
       loss_fn: ``loss_fn(params, batch) -> (B,)`` per-example losses, each depending on
         its own example only.
-      tx: any Optax transform; plain ones (``optax.adam``) ignore ``grad_stats``.
+      tx: any Optax transform. A plain one (``optax.adam``: it runs without
+        ``grad_stats``) gets only the mean gradient, from one ``jax.value_and_grad``:
+        no per-example work (`GradStats` with ``sq_norm_sum=None``).
       coordinates, inner: which optional sums to compute (`per_example_stats`). None:
-        the cheapest set ``tx`` accepts, found once by abstract evaluation.
+        the cheapest set ``tx`` accepts, found once by abstract evaluation. Give
+        either to compute per-example statistics even for a plain transform.
       backend, stats_microbatch_size: `per_example_stats`'s ``backend`` and
         ``microbatch_size`` (memory chunks inside one micro-batch).
       donate: donate params and optimizer state buffers to the step (saves memory;

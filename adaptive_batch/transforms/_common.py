@@ -162,6 +162,11 @@ def require_grad_stats(
             f"{owner}: grad_stats must be an adaptive_batch.GradStats, got "
             f"{type(grad_stats).__name__}. Compute it with {build}."
         )
+    if grad_stats.sq_norm_sum is None:
+        raise TypeError(
+            f"{owner} needs Σ‖gᵢ‖², but grad_stats holds only a plain gradient's sums "
+            f"(sq_norm_sum=None). Build the statistics with {build}."
+        )
     if coordinates and grad_stats.sq_sum is None:
         raise TypeError(
             f"{owner} needs the per-coordinate sums Σ gᵢ⊙gᵢ, which grad_stats does not hold. "
