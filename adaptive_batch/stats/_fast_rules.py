@@ -168,12 +168,49 @@ def _dense_outer(a, d, coordinates):
     grad_sum = jnp.einsum(spec, a, d)
     # Row norms as contractions: XLA then does not materialise the squares.
     sq_norm = jnp.sum(jnp.einsum(rows, a, a) * jnp.einsum(rows, d, d))
-    sq_sum = jnp.einsum(spec, a * a, d * d) if coordinates else None
+    sq_sum = _squares_product(spec, a, d) if coordinates else None
     return (
         grad_sum.reshape(-1, *grad_sum.shape[-2:]),
         sq_norm,
         (None if sq_sum is None else sq_sum.reshape(-1, *sq_sum.shape[-2:])),
     )
+
+
+def _squares_product(spec, a, d):
+    """Σᵢ aᵢ²⊗dᵢ² as (a⊙a)ᵀ(d⊙d), summed over blocks of rows when the squared copies of
+    the whole batch would outgrow the result (XLA cannot square inside the product)."""
+    result = jax.eval_shape(lambda a, d: jnp.einsum(spec, a, d), a, d)
+    chunk = _row_block(a.shape[0], a[0].size + d[0].size, math.prod(result.shape))
+    if chunk == a.shape[0]:
+        return jnp.einsum(spec, a * a, d * d)
+
+    def block(k, total):
+        a_k, d_k = (lax.dynamic_slice_in_dim(x, k * chunk, chunk) for x in (a, d))
+        return total + jnp.einsum(spec, a_k * a_k, d_k * d_k)
+
+    zeros = vary_like(jnp.zeros(result.shape, a.dtype), a)  # typed like a under shard_map
+    return lax.fori_loop(0, a.shape[0] // chunk, block, zeros)
+
+
+def _column_square_sums(x):
+    """Σᵢ xᵢ⊙xᵢ over the rows of x (B, K), by blocks of rows: XLA:CPU materialises the
+    squares of a whole reduction's input."""
+    chunk = _row_block(x.shape[0], x.shape[1], x.shape[1])
+
+    def block(k, total):
+        x_k = lax.dynamic_slice_in_dim(x, k * chunk, chunk)
+        return total + jnp.sum(x_k * x_k, 0)
+
+    zeros = vary_like(jnp.zeros(x.shape[1:], x.dtype), x)
+    return lax.fori_loop(0, x.shape[0] // chunk, block, zeros)
+
+
+def _row_block(batch: int, row_size: int, result_size: int, max_blocks: int = 8) -> int:
+    """Rows per block: the whole batch when its squares are no larger than the result,
+    else the smallest divisor of the batch giving at most ``max_blocks`` blocks."""
+    if batch * row_size <= result_size:
+        return batch
+    return min(c for c in range(1, batch + 1) if batch % c == 0 and c * max_blocks >= batch)
 
 
 def _dense_gram(a, d):
@@ -274,16 +311,22 @@ def _chunked_sums(
     fits = [c for c in range(2, batch + 1) if batch % c == 0 and c * per_row <= budget]
     chunk = max(fits, default=1)
 
-    def sums(args):
+    def sums(args, whole_batch=False):
         g = per_example_grads(*args)
-        return (
-            jnp.sum(g, 0),
-            jnp.sum(g * g),
-            jnp.sum(g * g, 0) if coordinates else None,
-        )
+        if whole_batch and coordinates:
+            # g of the whole batch (one row per example, like a bias): its squares would
+            # be one more batch-sized temporary, so they are summed a block at a time.
+            flat = g.reshape(g.shape[0], -1)
+            return (
+                jnp.sum(g, 0),
+                jnp.vdot(flat, flat),
+                _column_square_sums(flat).reshape(g.shape[1:]),
+            )
+        sq = jnp.square(g)
+        return (jnp.sum(g, 0), jnp.sum(sq), jnp.sum(sq, 0) if coordinates else None)
 
     if chunk == batch:
-        return sums(inputs)
+        return sums(inputs, whole_batch=True)
     if slice_in_place:
         # Chunks sliced from the leading axis where they lie: a reshape to (chunks, chunk,
         # ...) for lax.scan makes XLA copy the inputs into a chunk-major layout first,
@@ -294,7 +337,11 @@ def _chunked_sums(
             return jax.tree.map(jnp.add, carry, sums(args))
 
         first = jax.tree.map(lambda x: x[:chunk], inputs)
-        init = jax.tree.map(jnp.zeros_like, jax.eval_shape(sums, first))
+        reference = jax.tree.leaves(inputs)[0]
+        init = jax.tree.map(
+            lambda s: vary_like(jnp.zeros(s.shape, s.dtype), reference),
+            jax.eval_shape(sums, first),
+        )
         return lax.fori_loop(0, batch // chunk, step, init)
     # Per-example products of dense layers: measured on XLA:CPU, the same loop as above
     # kept a relaid copy of each chunk's products (transformer B=64 with coordinates:
