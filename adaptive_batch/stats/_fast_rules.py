@@ -9,12 +9,15 @@ axis and already masked (padding rows are zero), and returns
 for the parameter leaf, without holding all gᵢ at once.
 
 * Dense, ``y = a·W`` with P positions sharing W (P = 1 for an MLP):
-  gᵢ = Σₚ aᵢₚ ⊗ δᵢₚ. With P = 1: ‖gᵢ‖² = ‖aᵢ‖²‖δᵢ‖² and Σᵢ gᵢ⊙gᵢ = (a⊙a)ᵀ(δ⊙δ).
+  gᵢ = Σₚ aᵢₚ ⊗ δᵢₚ. With P = 1: ‖gᵢ‖² = ‖aᵢ‖²‖δᵢ‖² and Σᵢ gᵢ⊙gᵢ = (a⊙a)ᵀ(δ⊙δ),
+  the latter summed over blocks of rows when B·(K+N) squares would outgrow the K·N
+  result (XLA:CPU cannot square inside a matrix product).
   With P > 1: the Gram form ‖gᵢ‖² = Σₚ,q (aᵢₚ·aᵢq)(δᵢₚ·δᵢq), cost ~B·P²·(K+N), or
   per-example products, cost ~B·P·K·N, whichever is cheaper.
 * Embedding lookup ``y = E[ids]``: gᵢ = rows of δᵢ summed per distinct id; positions
   with equal ids are grouped by segment sums within each example.
-* Everything else linear in W (convolutions, elementwise scale and bias, dense layers
+* Convolutions: per-example products on unfolded patches (`_fast_conv`).
+* Everything else linear in W (elementwise scale and bias, dense layers
   seen through a broadcast): per-example products gᵢ = (∂y/∂W)ᵀδᵢ, one ``jax.vjp`` of
   the site equation vmapped over a chunk of examples, chunks summed in a ``lax.scan``
   so memory stays at chunk × |W|.
