@@ -2,7 +2,8 @@
 
 An MLP is trained on a synthetic classification task with the norm test choosing the
 batch size (``optax.chain(ab.norm_test(eta), optax.sgd(lr))``) through `ab.fit`
-(default controller with ``lag=1``, prefetching loader). Its sequence of batch sizes is then
+(default controller with ``lag=1``; fit's default loader, which prefetches on a thread
+for accelerators and not on the CPU backend). Its sequence of batch sizes is then
 replayed by a plain fixed-batch loop — one jitted step per batch size, exactly that
 size, each batch gathered from NumPy arrays through a per-epoch permutation — for the
 same steps. Both use the same statistics and optimizer, so the ratio of real examples
@@ -27,7 +28,7 @@ fixed at padded sizes) and ratios are medians over the repeats. Reported:
   distinct size), with the wall time of each first, compiling, run.
 
     python benchmarks/loop.py            # 100 000 examples a run, batch 32 → 2048
-    python benchmarks/loop.py --quick    # 12 000 examples a run, batch 32 → 1024
+    python benchmarks/loop.py --quick    # 40 000 examples a run, batch 32 → 1024
 
 Last line: a JSON object.
 """
@@ -96,7 +97,7 @@ def adaptive_run(args, step, source, buckets, *, params, tx, fill):
     )
     return ab.fit(
         step, (params, tx.init(params)), source, controller,
-        examples=args.budget, prefetch=2, progress=False, log_every=50,
+        examples=args.budget, progress=False, log_every=50,
     )  # fmt: skip
 
 
@@ -128,7 +129,7 @@ def main():
     # Each run trains on the same number of examples (``budget``).
     if args.quick:
         args.examples, args.features, args.hidden = 8192, 64, 512
-        args.max_batch, args.budget, repeats = 1024, 12_000, 3
+        args.max_batch, args.budget, repeats = 1024, 40_000, 5
     else:
         args.examples, args.features, args.hidden = 20000, 64, 512
         args.max_batch, args.budget, repeats = 2048, 100_000, 7

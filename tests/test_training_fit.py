@@ -271,3 +271,15 @@ def test_progress_bar_shows_the_batch_size(capsys):
     shown = capsys.readouterr().err
     assert "6/6" in shown and "step" in shown
     assert "batch=32/32" in shown and "loss=" in shown
+
+
+def test_default_prefetch_is_off_on_the_cpu_backend_and_on_for_accelerators():
+    from types import SimpleNamespace
+
+    from adaptive_batch.training._fit import _default_prefetch
+
+    assert _default_prefetch(None) == 0  # the test machine's CPU devices
+    cpu = jax.sharding.NamedSharding(jax.make_mesh((2,), ("data",)), jax.sharding.PartitionSpec())
+    assert _default_prefetch(cpu) == 0
+    accelerator = SimpleNamespace(device_set=[SimpleNamespace(platform="gpu")])
+    assert _default_prefetch(accelerator) == 2

@@ -65,7 +65,7 @@ def fit(
     eval_fn: Callable[[Any], Mapping[str, Any]] | None = None,
     eval_every: int | None = None,
     seed: int = 0,
-    prefetch: int = 2,
+    prefetch: int | None = None,
     sharding: Any = None,
     compile_ahead: bool = False,
     log_every: int = 10,
@@ -85,6 +85,10 @@ def fit(
       data: an `adaptive_batch.data.Loader` (used as it is, left open), or a source
         it accepts (a dict/tuple of NumPy arrays, a random-access source); then
         ``seed``, ``prefetch`` and ``sharding`` configure the loader `fit` makes.
+        ``prefetch=None``: 2 batches built ahead on a background thread when the
+        batches go to an accelerator, 0 when they stay on the CPU backend (there the
+        thread competes with the step for the same cores and measured 6% slower,
+        `benchmarks/loop.py`).
       controller: the `BatchSizeController`; its ``lag=1`` overlaps host and device.
       steps, epochs, examples: the budget; give at least one, training stops at the
         first reached. ``epochs`` (may be fractional) and ``examples`` are exact: the
@@ -134,7 +138,12 @@ def fit(
             raise ValueError(f"{name}={value!r} must be a positive number of steps.")
 
     own_loader = not isinstance(data, Loader)
-    loader = Loader(data, seed=seed, prefetch=prefetch, sharding=sharding) if own_loader else data
+    if own_loader:
+        if prefetch is None:
+            prefetch = _default_prefetch(sharding)
+        loader = Loader(data, seed=seed, prefetch=prefetch, sharding=sharding)
+    else:
+        loader = data
     if loader.pending:
         raise RuntimeError(
             f"the loader has {loader.pending} requested batch(es) waiting; fit requests its "
@@ -224,6 +233,13 @@ def fit(
         compiles=counter.count(step.name),
         controller=controller,
     )
+
+
+def _default_prefetch(sharding) -> int:
+    """2 when batches go to an accelerator; 0 on the CPU backend (no separate device to
+    overlap with: the prefetch thread only takes cores from the step)."""
+    devices = jax.devices() if sharding is None else list(sharding.device_set)
+    return 0 if all(d.platform == "cpu" for d in devices) else 2
 
 
 def _check_budget(steps, epochs, examples) -> None:
