@@ -23,6 +23,8 @@ fixed at padded sizes) and ratios are medians over the repeats. Reported:
   sizes: the loop's own overhead, without the padding.
 * ``fine_buckets_ratio`` — exact sizes with buckets spaced by 2^(1/4) (padding under
   19%, more compiles).
+* ``prefetch_thread_ratio`` — the default controller with ``fit(prefetch=2)``: a
+  background thread builds the batches (fit's default on accelerators, not on CPU).
 * ``compiles`` — train-step compiles (JAX's monitoring events) of the first run of
   each configuration, and of exact sizes without buckets (the fixed loop: one per
   distinct size), with the wall time of each first, compiling, run.
@@ -91,13 +93,13 @@ def fine_buckets(lo, hi, per_octave=4):
     return sorted(sizes)
 
 
-def adaptive_run(args, step, source, buckets, *, params, tx, fill):
+def adaptive_run(args, step, source, buckets, *, params, tx, fill, prefetch=None):
     controller = ab.BatchSizeController(
         args.min_batch, args.max_batch, buckets=buckets, lag=1, fill_buckets=fill
     )
     return ab.fit(
         step, (params, tx.init(params)), source, controller,
-        examples=args.budget, progress=False, log_every=50,
+        examples=args.budget, progress=False, log_every=50, prefetch=prefetch,
     )  # fmt: skip
 
 
@@ -143,16 +145,18 @@ def main():
 
     rows, overhead = [], None
     configs = (
-        ("pow2 filled (default)", "pow2", True),
-        ("pow2 padded", "pow2", False),
-        ("fine padded", fine_buckets(args.min_batch, args.max_batch), False),
+        ("pow2 filled (default)", "pow2", True, None),
+        ("pow2 padded", "pow2", False, None),
+        ("fine padded", fine_buckets(args.min_batch, args.max_batch), False, None),
+        ("pow2 filled, prefetch=2", "pow2", True, 2),
     )
-    for name, buckets, fill in configs:
+    for name, buckets, fill, prefetch in configs:
+        run_kwargs = {"params": params, "tx": tx, "fill": fill, "prefetch": prefetch}
         step = ab.make_train_step(loss_fn, tx)
         # The fixed loop's step compiles once per distinct size, which is also what an
         # adaptive loop without buckets (exact sizes) compiles.
         fixed_step = ab.make_train_step(loss_fn, tx)
-        first = adaptive_run(args, step, source, buckets, params=params, tx=tx, fill=fill)
+        first = adaptive_run(args, step, source, buckets, **run_kwargs)
         sizes = first.history.column("batch_size")
         padded = first.history.column("padded_size")
         with ab.training.CompileCounter() as counter:
@@ -162,7 +166,7 @@ def main():
         # Interleaved repeats, so that a change in the machine's load hits both loops.
         adaptive, fixed, at_padded = [], [], []
         for _ in range(repeats):
-            run = adaptive_run(args, step, source, buckets, params=params, tx=tx, fill=fill)
+            run = adaptive_run(args, step, source, buckets, **run_kwargs)
             assert run.history.column("batch_size") == sizes and run.compiles == 0
             adaptive.append(run.wall_time)
             fixed.append(fixed_loop(fixed_step, sizes, source, tx, params))
@@ -211,6 +215,7 @@ def main():
         "padded_ratio": round(rows[1]["ratio"], 3),
         "overhead_ratio": round(overhead, 3),
         "fine_buckets_ratio": round(rows[2]["ratio"], 3),
+        "prefetch_thread_ratio": round(rows[3]["ratio"], 3),
         "compiles": {"pow2_filled": rows[0]["compiles"], "pow2_padded": rows[1]["compiles"],
                      "fine_padded": rows[2]["compiles"], "exact": exact["compiles"]},
         "distinct_batch_sizes": rows[0]["distinct sizes"],

@@ -15,7 +15,7 @@ num_microbatches · microbatch_size, and microbatch_size % multiple_of == 0. Bec
 plan depends on b only through its bucket, a run compiles one step per bucket it visits.
 
 Why fill by default: a padding row costs the same compute as a real one, so a padded
-batch of b real rows in a bucket of P runs at b / P of a fixed-batch loop's speed (55%
+batch of b real rows in a bucket of P runs at b / P of a fixed-batch loop's speed (45%
 padding on the norm test's growth with ``"pow2"`` buckets, `benchmarks/loop.py`).
 Filling gives the method at least the batch it asked for, which the adaptive sampling
 tests and AdAdaGrad ask for as a *minimum*, and for CABS is a less noisy gradient at
