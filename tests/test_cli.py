@@ -103,6 +103,21 @@ def test_train_writes_the_run_directory(tmp_path, capsys):
     assert f"{summary['steps']:,}" in out and "final batch size" in out
 
 
+def test_fill_buckets_option_runs_bucket_sizes(tmp_path, capsys):
+    sizes = {}
+    for flag in ([], ["--fill-buckets"]):
+        out_dir = tmp_path / ("filled" if flag else "exact")
+        argv = ["train", *TINY, "--method", "norm-test", "--eta", "1.0", "--out", str(out_dir)]
+        code, _, err = _run([*argv, *flag], capsys)
+        assert code == 0, err
+        assert json.loads((out_dir / "config.json").read_text())["fill_buckets"] == bool(flag)
+        rows = _read_jsonl(out_dir / "metrics.jsonl")
+        sizes[bool(flag)] = [r["batch_size"] for r in rows[:-1]]  # the last may be cut short
+    buckets = {8, 16, 32, 64}
+    assert set(sizes[True]) <= buckets  # filled: every batch is a whole bucket
+    assert not set(sizes[False]) <= buckets  # exact sizes: the rule's own, in between
+
+
 def test_train_baseline_uses_constant_batch_and_two_devices(tmp_path, capsys):
     out_dir = tmp_path / "sgd"
     argv = ["train", *TINY, "--method", "sgd", "--batch-size", "32", "--devices", "2",
