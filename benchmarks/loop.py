@@ -131,10 +131,10 @@ def main():
     # Each run trains on the same number of examples (``budget``).
     if args.quick:
         args.examples, args.features, args.hidden = 8192, 64, 512
-        args.max_batch, args.budget, repeats = 1024, 40_000, 5
+        args.max_batch, args.budget, repeats = 1024, 40_000, 15
     else:
         args.examples, args.features, args.hidden = 20000, 64, 512
-        args.max_batch, args.budget, repeats = 2048, 100_000, 7
+        args.max_batch, args.budget, repeats = 2048, 100_000, 21
     classes = 10
     source = make_task(args.examples, args.features, classes)
     params, loss_fn = make_model(args.features, args.hidden, classes)
