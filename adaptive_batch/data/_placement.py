@@ -79,12 +79,12 @@ def local_rows(sharding: Any, padded_size: int) -> tuple[int, int]:
 def place(data: Any, mask: Any, sharding: Any, padded_size: int) -> tuple[Any, Any]:
     """The batch and its mask as global ``jax.Array`` s of ``padded_size`` rows.
 
-    ``data`` and ``mask`` hold this process's rows (`local_rows`): all of them with one
-    process (then a plain ``jax.device_put``).
+    ``data`` and ``mask`` hold this process's rows (`local_rows`, which also checks that
+    the batch divides over the shards): all of them with one process (then a plain
+    ``jax.device_put``).
     """
     import jax
 
-    check_divides(sharding, padded_size)
     if sharding.is_fully_addressable:
         shardings = jax.tree.map(lambda x: leaf_sharding(sharding, x.ndim), data)
         return jax.device_put(data, shardings), jax.device_put(mask, leaf_sharding(sharding, 1))

@@ -87,8 +87,8 @@ def fit(
         ``seed``, ``prefetch`` and ``sharding`` configure the loader `fit` makes.
         ``prefetch=None``: 2 batches built ahead on a background thread when the
         batches go to an accelerator, 0 when they stay on the CPU backend (there the
-        thread competes with the step for the same cores and measured 6% slower,
-        `benchmarks/loop.py`).
+        thread competes with the step for the same cores; `benchmarks/loop.py` compares
+        both).
       controller: the `BatchSizeController`; its ``lag=1`` overlaps host and device.
       steps, epochs, examples: the budget; give at least one, training stops at the
         first reached. ``epochs`` (may be fractional) and ``examples`` are exact: the
