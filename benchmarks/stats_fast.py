@@ -6,7 +6,8 @@ side by side (methods interleaved round by round, median of the rounds):
 
 * time of ``per_example_stats(backend="fast")`` (norms only), of the same with
   ``coordinates=True`` and of ``backend="vmap"``, each divided by the time of a plain
-  ``jax.value_and_grad`` of the masked mean loss;
+  ``jax.value_and_grad`` of the masked mean loss (vmap in rounds of its own, see
+  `run_jax`);
 * compiled temporary memory (``memory_analysis().temp_size_in_bytes``), as a ratio to
   the plain gradient's.
 
@@ -137,7 +138,7 @@ MODELS = {"mlp": mlp, "cnn": cnn, "transformer": transformer}
 # ----------------------------------------------------------------------------- timing
 
 
-def methods_for(loss_fn, with_vmap: bool):
+def methods_for(loss_fn):
     def mean_loss(params, batch, mask):
         return jnp.sum(jnp.where(mask, loss_fn(params, batch), 0)) / jnp.sum(mask)
 
@@ -146,8 +147,6 @@ def methods_for(loss_fn, with_vmap: bool):
         "fast": per_example_stats(loss_fn, backend="fast"),
         "fast_coords": per_example_stats(loss_fn, backend="fast", coordinates=True),
     }
-    if with_vmap:
-        methods["vmap"] = per_example_stats(loss_fn, backend="vmap")
     return methods
 
 
@@ -192,9 +191,18 @@ def run_jax(model_names, batch_sizes, rounds, budget_s, vmap_max_batch):
         for batch_size in batch_sizes:
             batch = make_batch(jax.random.key(batch_size), batch_size)
             mask = jnp.ones(batch_size)
-            methods = methods_for(loss_fn, with_vmap=batch_size <= vmap_max_batch)
+            methods = methods_for(loss_fn)
             args = (params, batch, mask)
             seconds, ratios = measure(methods, args, rounds, budget_s)
+            if batch_size <= vmap_max_batch:
+                # vmap is timed in rounds of its own: run between the others, its B x
+                # params of per-example gradients evicts the caches and slowed the plain
+                # gradient that followed it (MLP at B = 256: fast with coordinates looked
+                # 1.04x plain interleaved with vmap, 1.48x without it).
+                methods["vmap"] = per_example_stats(loss_fn, backend="vmap")
+                pair = {"plain": methods["plain"], "vmap": methods["vmap"]}
+                vmap_seconds, vmap_ratios = measure(pair, args, max(3, rounds // 3), budget_s)
+                seconds["vmap"], ratios["vmap"] = vmap_seconds["vmap"], vmap_ratios["vmap"]
             memory = {m: temp_bytes(fn, args) for m, fn in methods.items()}
             row = {"model": name, "batch": batch_size, "plain_ms": 1e3 * seconds["plain"]}
             for m in methods:
@@ -276,7 +284,7 @@ def run_backpack(model_names, batch_sizes, rounds, budget_s):
             params, jax_loss, make_batch = MODELS[name](jax.random.key(0))
             args = (params, make_batch(jax.random.key(batch_size), batch_size))
             args += (jnp.ones(batch_size),)
-            ours, _ = measure(methods_for(jax_loss, with_vmap=False), args, rounds, budget_s)
+            ours, _ = measure(methods_for(jax_loss), args, rounds, budget_s)
             runs = {
                 "torch": lambda step=step: step(),
                 "norms": lambda step=step: step(BatchL2Grad()),
