@@ -20,6 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import adaptive_batch.stats._fast as fast_module
 from adaptive_batch.stats import fast_stats_report, per_example_stats
+from adaptive_batch.stats._fast_tap import after
 
 RTOL = 1e-5
 
@@ -429,3 +430,38 @@ def test_all_padding_batch_is_zero_even_with_nan():
         )
         for leaf in jax.tree.leaves(stats):
             np.testing.assert_array_equal(leaf, np.zeros_like(leaf))
+
+
+def test_sites_with_a_constant_operand():
+    """``s * c`` and ``c @ v`` with c a constant: the site's other operand is the same for
+    every example (not batched under vmap), so it is broadcast to the batch before the
+    rule, both after the reverse pass (``s``) and in a tap (``v``, a dense layer with
+    coordinates); the per-example gradients still differ by example through δᵢ."""
+    ks = keys(3)
+    params = {
+        "w": jax.random.normal(ks[0], (4, 4)),
+        "s": jnp.linspace(0.5, 2.0, 4),
+        "v": jax.random.normal(ks[2], (4, 4)),
+    }
+    batch = jax.random.normal(ks[1], (6, 4))
+    c = np.linspace(-1.0, 1.0, 4, dtype=np.float32)
+
+    def loss_fn(p, x):
+        return jnp.sum(jnp.tanh(x @ p["w"] + p["s"] * c + c @ p["v"]) ** 2, axis=-1)
+
+    report = fast_stats_report(loss_fn, params, batch)
+    assert report == {"['s']": "elementwise", "['v']": "dense", "['w']": "dense"}
+    vmap, fast = both_backends(loss_fn, params, batch, jnp.arange(6) < 4, coordinates=True)
+    assert_stats_close(vmap, fast)
+
+
+def test_tapped_signal_waits_for_statistics_without_turning_nan():
+    """`after` adds a zero computed from the statistics to δ: exactly δ when they are
+    finite, and still δ (not NaN) when they overflowed."""
+    delta = jnp.arange(6.0).reshape(2, 3)
+    for stats in (
+        (jnp.ones(3), jnp.float32(2.0), jnp.ones(3)),
+        (jnp.full(3, jnp.inf), jnp.float32(jnp.inf), None),
+        (jnp.ones(3), jnp.float32(jnp.nan), jnp.full(3, -jnp.inf)),
+    ):
+        np.testing.assert_array_equal(after(delta, stats), delta)

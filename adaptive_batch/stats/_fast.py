@@ -9,7 +9,10 @@ reverse pass: a zero perturbation εₛ is added to every site output and the ma
     ∂(Σᵢ mᵢ ℓᵢ)/∂εₛ = (mᵢ δᵢ)ᵢ,
 
 while the layer inputs a are recorded on the way forward. The layer rules
-(`_fast_rules`) then give Σgᵢ, Σ‖gᵢ‖² and Σgᵢ⊙gᵢ without materialising every gᵢ.
+(`_fast_rules`) then give Σgᵢ, Σ‖gᵢ‖² and Σgᵢ⊙gᵢ without materialising every gᵢ. Dense
+layers asked for coordinate sums are "tapped" instead (`_fast_tap`): their rule runs
+inside the same reverse pass, when it reaches the layer, which keeps the squares of one
+layer alive at a time rather than every layer's a and δ at the end of the pass.
 
 Leaves used any other way (tied weights, parameters inside loops or custom
 derivatives, unusual primitives) fall back to exact per-example gradients *in the same
@@ -30,15 +33,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import warnings
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from adaptive_batch.stats._fast_analysis import Plan, analyze, evaluate
-from adaptive_batch.stats._fast_rules import choose_rule, site_stats
+from adaptive_batch.stats._fast_analysis import Plan, analyze, evaluate, vary_like
+from adaptive_batch.stats._fast_rules import choose_rule
+from adaptive_batch.stats._fast_tap import guarded_stats, make_tap, stats_shapes, uses_tap
 from adaptive_batch.stats._grad_stats import GradStats
 from adaptive_batch.stats._vmap import accumulation_dtype, masked, vmap_sums
 
@@ -104,67 +107,74 @@ def _sums(plan: Plan, coordinates: bool, params, batch, mask):
     # recorded input or signal needs masking (which would cost a copy of each).
     first_real = jnp.argmax(mask)
     batch = jax.tree.map(lambda x: jnp.where(_row_mask(mask, x), x, x[first_real]), batch)
+    # An all-padding batch (say a late micro-batch of a small batch in a big bucket) had
+    # no real row to stand in for the padding, which may hold NaN: results are zeroed
+    # then (`guarded_stats`, and below for fallback leaves). A lax.cond skipping the work
+    # instead made XLA:CPU run the whole pass 2x slower.
+    count = jnp.sum(mask, dtype=jnp.float32)
     paths = list(plan.sites)
+    tapped = [p for p in paths if uses_tap(plan.sites[p], coordinates)]
+    perturbed = [p for p in paths if p not in tapped]
     fallback = sorted(plan.fallback)
     reference = jax.tree.leaves(batch)[0]
+    batch_size = jnp.shape(reference)[0]
+    avals = {p: jax.typeof(leaves[plan.sites[p].view.leaf]) for p in paths}
+    taps = {p: make_tap(plan.sites[p], avals[p], coordinates) for p in tapped}
     zeros = [
         _batch_zeros(reference, aval.shape, aval.dtype)
-        for aval in (plan.sites[p].eqn.outvars[0].aval for p in paths)
+        for aval in (plan.sites[p].eqn.outvars[0].aval for p in perturbed)
+    ]
+    # Zero accumulators: the reverse pass returns each tapped site's statistics as their
+    # cotangents (`_fast_tap`). Typed like the batch so that, inside shard_map, they vary
+    # over the same device axes as the statistics computed from it.
+    accumulators = [
+        jax.tree.map(
+            lambda s: vary_like(jnp.zeros(s.shape, s.dtype), reference),
+            stats_shapes(plan.sites[p], batch_size, avals[p], coordinates),
+        )
+        for p in tapped
     ]
     copies = [
         leaves[i] + _batch_zeros(reference, jnp.shape(leaves[i]), jnp.result_type(leaves[i]))
         for i in fallback
     ]
 
-    def example(perturbations, leaf_copies, example_leaves):
+    def example(perturbations, accs, leaf_copies, weight, example_leaves):
         args = list(leaves)
         for i, copy in zip(fallback, leaf_copies, strict=True):
             args[i] = copy
-        outs, records = evaluate(
-            plan, args + list(example_leaves), dict(zip(paths, perturbations, strict=True))
+        records = {}
+        site_fns = {
+            p: functools.partial(_perturb, eps=eps, records=records.setdefault(p, []))
+            for p, eps in zip(perturbed, perturbations, strict=True)
+        }
+        site_fns.update(
+            (p, functools.partial(_apply_tap, taps[p], acc=acc, count=count, weight=weight))
+            for p, acc in zip(tapped, accs, strict=True)
         )
-        return outs[0], [records[p] for p in paths]
+        loss = evaluate(plan, args + list(example_leaves), site_fns)[0]
+        return loss, [records[p] for p in perturbed]
 
-    def masked_total(perturbations, leaf_copies):
-        losses, records = jax.vmap(example)(perturbations, leaf_copies, jax.tree.leaves(batch))
+    def masked_total(perturbations, accs, leaf_copies):
+        losses, records = jax.vmap(example, in_axes=(0, None, 0, 0, 0))(
+            perturbations, accs, leaf_copies, mask, jax.tree.leaves(batch)
+        )
         return jnp.sum(jnp.where(mask, losses, 0)), (losses, records)
 
-    total, backward, (losses, records) = jax.vjp(masked_total, zeros, copies, has_aux=True)
-    deltas, copy_grads = backward(jnp.ones_like(total))
-
-    # An all-padding batch (say a late micro-batch of a small batch in a big bucket) had
-    # no real row to stand in for the padding, which may hold NaN: results are zeroed
-    # then. (A lax.cond skipping the work instead made XLA:CPU run the whole pass 2x
-    # slower.) The zeroing is a select on the smaller side of each layer rule, its
-    # inputs or its outputs: a select after a matrix product keeps the product's result
-    # as one more parameter-sized temporary.
-    count = jnp.sum(mask, dtype=jnp.float32)
-    real = count > 0
-
-    def zero_if_no_real_row(x):
-        return jnp.where(real, x, jnp.zeros_like(x))
+    total, backward, (losses, records) = jax.vjp(
+        masked_total, zeros, accumulators, copies, has_aux=True
+    )
+    deltas, tap_stats, copy_grads = backward(jnp.ones_like(total))
+    site_stats = dict(zip(tapped, tap_stats, strict=True))
+    for path, site_records, delta in zip(perturbed, records, deltas, strict=True):
+        site_stats[path] = guarded_stats(
+            plan.sites[path], site_records, delta, count, avals[path], coordinates
+        )
 
     grad_sum, sq_sum, sq_norm = [None] * len(leaves), [None] * len(leaves), []
-    guard_outputs = set(fallback)
-    for path, site_records, delta in zip(paths, records, deltas, strict=True):
-        site = plan.sites[path]
-        site_records = [_widen(r) for r in site_records]
-        delta = _widen(delta)
-        leaf_size = math.prod(jnp.shape(leaves[site.view.leaf]))
-        input_size = delta.size + sum(r.size for r in site_records)
-        if input_size < leaf_size * (1 + coordinates):
-            site_records = [zero_if_no_real_row(r) for r in site_records]
-            delta = zero_if_no_real_row(delta)
-        else:
-            guard_outputs.add(site.view.leaf)
-        g, q, s = site_stats(
-            site,
-            site_records,
-            delta,
-            leaf_aval=jax.typeof(leaves[site.view.leaf]),
-            coordinates=coordinates,
-        )
-        grad_sum[site.view.leaf], sq_sum[site.view.leaf] = g, s
+    for path, (g, q, s) in site_stats.items():
+        leaf = plan.sites[path].view.leaf
+        grad_sum[leaf], sq_sum[leaf] = g, s
         sq_norm.append(q)
     for i, g in zip(fallback, copy_grads, strict=True):
         g = _widen(g)
@@ -173,8 +183,11 @@ def _sums(plan: Plan, coordinates: bool, params, batch, mask):
     for i in plan.unused:
         grad_sum[i] = sq_sum[i] = jnp.zeros(jnp.shape(leaves[i]), _acc(leaves[i]))
 
-    def guarded(values):
-        values = [zero_if_no_real_row(x) if i in guard_outputs else x for i, x in enumerate(values)]
+    def zero_if_no_real_row(x):
+        return jnp.where(count > 0, x, jnp.zeros_like(x))
+
+    def guarded(values):  # the taps guard their own statistics
+        values = [zero_if_no_real_row(x) if i in fallback else x for i, x in enumerate(values)]
         return jax.tree.unflatten(treedef, values)
 
     return GradStats(
@@ -184,6 +197,16 @@ def _sums(plan: Plan, coordinates: bool, params, batch, mask):
         sq_norm_sum=zero_if_no_real_row(sum(sq_norm) if sq_norm else jnp.zeros((), jnp.float32)),
         sq_sum=guarded(sq_sum) if coordinates else None,
     )
+
+
+def _apply_tap(tap, y, records, *, acc, count, weight):
+    return tap(y, records, acc, count, weight)
+
+
+def _perturb(y, site_records, *, eps, records):
+    """A perturbed site: y + ε (whose cotangent is δ), its other operands recorded."""
+    records.extend(site_records)
+    return y + eps
 
 
 def auto_sums(loss_fn, params, batch, mask, *, coordinates: bool):

@@ -186,12 +186,10 @@ def vary_like(x, reference):
     return _vary(x, axes) if axes else x
 
 
-def evaluate(plan: Plan, args: Sequence[Any], perturbations: dict[Path, Any]):
-    """Run the per-example jaxpr, adding ``perturbations[path]`` to each site's output.
-
-    Returns (outputs, records) with records[path] the site's non-parameter operands.
+def evaluate(plan: Plan, args: Sequence[Any], site_fns: dict[Path, Any]):
+    """Run the per-example jaxpr, replacing each site's output y by ``site_fns[path](y, records)``
+    with records the site's non-parameter operands. Returns the jaxpr's outputs.
     """
-    records: dict[Path, list] = {}
 
     def run(jaxpr, consts, values, prefix: Path):
         env = {}
@@ -216,10 +214,9 @@ def evaluate(plan: Plan, args: Sequence[Any], perturbations: dict[Path, Any]):
                     outs = [outs]
                 site = plan.sites.get(path)
                 if site is not None:
-                    records[path] = [v for i, v in enumerate(invals) if i != site.weight_pos]
-                    outs = [outs[0] + perturbations[path]]
+                    records = [v for i, v in enumerate(invals) if i != site.weight_pos]
+                    outs = [site_fns[path](outs[0], records)]
             env.update(zip(eqn.outvars, outs, strict=True))
         return [read(a) for a in jaxpr.outvars]
 
-    outs = run(plan.jaxpr.jaxpr, plan.jaxpr.consts, list(args), ())
-    return outs, records
+    return run(plan.jaxpr.jaxpr, plan.jaxpr.consts, list(args), ())
