@@ -165,13 +165,24 @@ def _dense_outer(a, d, coordinates):
     a, d = a[:, :, 0], d[:, :, 0]  # one position
     if a.shape[1] == 1:  # no shared batch dims: plain matrix products, no transposed copies
         a, d = a[:, 0], d[:, 0]
-        spec, rows = "bk,bn->kn", "bk,bk->b"
+        rows = "bk,bk->b"
     else:
-        spec, rows = "bhk,bhn->hkn", "bhk,bhk->bh"
-    grad_sum = jnp.einsum(spec, a, d)
+        rows = "bhk,bhk->bh"
     # Row norms as contractions: XLA then does not materialise the squares.
     sq_norm = jnp.sum(jnp.einsum(rows, a, a) * jnp.einsum(rows, d, d))
-    sq_sum = _squares_product(spec, a, d) if coordinates else None
+    # The contractions over the batch put the narrower operand first and transpose the
+    # (small) result: XLA:CPU ran (B×N)ᵀ(B×K) about 2x faster than (B×K)ᵀ(B×N) for
+    # N = 10, K = 512 (MLP with coordinates, interleaved in one process: 1.55 / 1.53 /
+    # 1.54x -> 1.48 / 1.49 / 1.47x a plain gradient at B = 64 / 256 / 1024).
+    narrow_first = d.shape[-1] < a.shape[-1]
+    first, second = (d, a) if narrow_first else (a, d)
+    spec = "bk,bn->kn" if a.ndim == 2 else "bhk,bhn->hkn"
+
+    def oriented(x):
+        return jnp.swapaxes(x, -1, -2) if narrow_first else x
+
+    grad_sum = oriented(jnp.einsum(spec, first, second))
+    sq_sum = oriented(_squares_product(spec, first, second)) if coordinates else None
     return (
         grad_sum.reshape(-1, *grad_sum.shape[-2:]),
         sq_norm,
