@@ -41,7 +41,13 @@ import jax.numpy as jnp
 
 from adaptive_batch.stats._fast_analysis import Plan, analyze, evaluate, vary_like
 from adaptive_batch.stats._fast_rules import choose_rule
-from adaptive_batch.stats._fast_tap import guarded_stats, make_tap, stats_shapes, uses_tap
+from adaptive_batch.stats._fast_tap import (
+    guarded_stats,
+    make_tap,
+    stats_shapes,
+    uses_tap,
+    widen,
+)
 from adaptive_batch.stats._grad_stats import GradStats
 from adaptive_batch.stats._vmap import accumulation_dtype, masked, vmap_sums
 
@@ -177,7 +183,7 @@ def _sums(plan: Plan, coordinates: bool, params, batch, mask):
         grad_sum[leaf], sq_sum[leaf] = g, s
         sq_norm.append(q)
     for i, g in zip(fallback, copy_grads, strict=True):
-        g = _widen(g)
+        g = widen(g)
         grad_sum[i], sq_sum[i] = jnp.sum(g, 0), jnp.sum(jnp.square(g), 0)
         sq_norm.append(jnp.sum(jnp.square(g)))
     for i in plan.unused:
@@ -265,11 +271,6 @@ def _batch_zeros(reference, shape, dtype):
 
 def _row_mask(mask, x):
     return mask.reshape(mask.shape + (1,) * (jnp.ndim(x) - 1))
-
-
-def _widen(x):
-    """Floating values in the accumulation dtype (at least float32); others unchanged."""
-    return x.astype(_acc(x)) if jnp.issubdtype(x.dtype, jnp.floating) else x
 
 
 def _acc(x):
