@@ -192,7 +192,7 @@ def _sums(plan: Plan, coordinates: bool, params, batch, mask):
     def zero_if_no_real_row(x):
         return jnp.where(count > 0, x, jnp.zeros_like(x))
 
-    def guarded(values):  # the taps guard their own statistics
+    def guarded(values):  # the sites' statistics are guarded already (`guarded_stats`)
         values = [zero_if_no_real_row(x) if i in fallback else x for i, x in enumerate(values)]
         return jax.tree.unflatten(treedef, values)
 
