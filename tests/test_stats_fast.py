@@ -370,6 +370,25 @@ def test_weight_on_the_left_and_heads_as_batch_dims():
     assert_stats_close(*both_backends(loss_fn, params, batch, coordinates=True))
 
 
+def test_dense_products_a_chunk_of_examples_at_a_time():
+    """A wide dense layer over few positions: per-example products in chunks of examples
+    (a `lax.scan`), equal to vmap with a padded row."""
+    ks = keys(2)
+    params = {"w": jax.random.normal(ks[0], (32, 32)) / 6}
+    batch = jax.random.normal(ks[1], (8, 2, 32))
+    mask = jnp.ones(8).at[3].set(0)
+
+    def loss_fn(p, x):
+        return jnp.sum(jnp.tanh(x @ p["w"]) ** 2, axis=(1, 2))
+
+    assert fast_stats_report(loss_fn, params, batch, coordinates=True) == {
+        "['w']": "dense-products"
+    }
+    fast = per_example_stats(loss_fn, backend="fast", coordinates=True)
+    assert "scan" in str(jax.make_jaxpr(fast)(params, batch, mask))
+    assert_stats_close(*both_backends(loss_fn, params, batch, mask, coordinates=True))
+
+
 def test_parameters_seen_through_a_broadcast():
     """A bias and a scale broadcast over positions explicitly (a non-bijective view)."""
     ks = keys(3)
