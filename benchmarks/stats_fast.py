@@ -145,12 +145,16 @@ MODELS = {"mlp": mlp, "cnn": cnn, "transformer": transformer}
 # ----------------------------------------------------------------------------- timing
 
 
-def methods_for(loss_fn):
+def masked_mean_loss(loss_fn):
     def mean_loss(params, batch, mask):
         return jnp.sum(jnp.where(mask, loss_fn(params, batch), 0)) / jnp.sum(mask)
 
+    return mean_loss
+
+
+def methods_for(loss_fn):
     methods = {
-        "plain": jax.jit(jax.value_and_grad(mean_loss)),
+        "plain": jax.jit(jax.value_and_grad(masked_mean_loss(loss_fn))),
         "fast": per_example_stats(loss_fn, backend="fast"),
         "fast_coords": per_example_stats(loss_fn, backend="fast", coordinates=True),
     }
@@ -169,11 +173,8 @@ def coordinate_floor(loss_fn, params, batch_size):
     Returns ``(fn, extra_args)``; ``fn(params, batch, mask, *extra_args)``.
     """
 
-    def mean_loss(params, batch, mask):
-        return jnp.sum(jnp.where(mask, loss_fn(params, batch), 0)) / jnp.sum(mask)
-
     def fn(params, batch, mask, operands):
-        value_and_grad = jax.value_and_grad(mean_loss)(params, batch, mask)
+        value_and_grad = jax.value_and_grad(masked_mean_loss(loss_fn))(params, batch, mask)
         squares = [jnp.einsum("bk,bn->kn", a * a, d * d) for a, d in operands]
         return value_and_grad, squares
 
