@@ -89,7 +89,11 @@ def conv_unfold(site: Site):
                 for s, n, st in zip(start[2:], out_spatial, strides, strict=True)
             ]
             slices.append(lax.slice(x, start, limit, [1, 1, *strides]))
-        x = jnp.stack(slices, axis=1)  # (b, window, C, *out)
+        # Joined along the channel axis rather than stacked on a new one: XLA:CPU then
+        # fuses the padding into each slice and does not copy the slices once more
+        # (benchmark CNN, norms, interleaved in one process, B = 64 / 256: 1.17 / 1.08x
+        # -> 1.13 / 1.02x a plain gradient).
+        x = jnp.concatenate(slices, axis=1)  # (b, window·C, *out)
         x = x.reshape(x.shape[0], len(slices), groups, group_channels, -1)
         return jnp.swapaxes(x, 1, 2).reshape(x.shape[0], groups, -1, x.shape[-1])
 

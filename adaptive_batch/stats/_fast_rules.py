@@ -81,14 +81,14 @@ def site_stats(site: Site, records, delta, *, leaf_aval, coordinates: bool):
             # call (with MALLOC_MMAP_THRESHOLD_=4294967296 it was 1.3x).
             budget = 2 * max(a.size + d.size, a.shape[2] * d.shape[2])
             out = _chunked_sums(
-                lambda a, d: jnp.einsum("bhpk,bhpn->bhkn", a, d), (a, d), budget, coordinates
+                lambda a, d: _grouped_products("bhpk,bhpn->bhkn", a, d), (a, d), budget, coordinates
             )
         out = tuple(_dense_to_weight(site, x) if x is not None and x.ndim else x for x in out)
     elif rule == "conv":
         unfold, to_weight, patch_size = conv_unfold(site)
         a = records[0]
         out = _chunked_sums(
-            lambda a, d: jnp.einsum("bgkp,bgpn->bgkn", *unfold(a, d)),
+            lambda a, d: _grouped_products("bgkp,bgpn->bgkn", *unfold(a, d)),
             (a, delta),
             a.size + delta.size,
             coordinates,
@@ -105,6 +105,20 @@ def site_stats(site: Site, records, delta, *, leaf_aval, coordinates: bool):
     if sq_sum is not None:  # the rules above need a bijective view: squares follow entries
         sq_sum = chain_transpose(site, leaf_aval, sq_sum)
     return grad_sum, sq_norm, sq_sum
+
+
+def _grouped_products(spec: str, x, y):
+    """``jnp.einsum(spec, x, y)`` for per-example products ``"bg..,bg..->bg.."`` with a
+    group (or shared batch) axis second; with one group, that axis is left out of the
+    operands and of the result (the callers reshape to the weight anyway).
+
+    Kept in, XLA:CPU copied every chunk's products into a new layout before summing them
+    (benchmark CNN at B = 64, norms, interleaved in one process: 1.28x -> 1.18x a plain
+    gradient).
+    """
+    if x.shape[1] == y.shape[1] == 1:
+        return jnp.einsum(spec.replace(spec[1], ""), x[:, 0], y[:, 0])
+    return jnp.einsum(spec, x, y)
 
 
 def chain_transpose(site: Site, leaf_aval, cotangent):
