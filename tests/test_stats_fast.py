@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import adaptive_batch.stats._fast as fast_module
 from adaptive_batch.stats import fast_stats_report, per_example_stats
-from adaptive_batch.stats._fast_tap import after
+from adaptive_batch.stats._fast_tap import waiting_cotangents
 
 RTOL = 1e-5
 
@@ -474,13 +474,49 @@ def test_sites_with_a_constant_operand():
     assert_stats_close(vmap, fast)
 
 
-def test_tapped_signal_waits_for_statistics_without_turning_nan():
-    """`after` adds a zero computed from the statistics to δ: exactly δ when they are
-    finite, and still δ (not NaN) when they overflowed."""
-    delta = jnp.arange(6.0).reshape(2, 3)
+def test_tapped_site_cotangents_are_zeros_even_when_statistics_overflow():
+    """`waiting_cotangents` gives the site's other operands zero cotangents computed from
+    the statistics: exactly 0 (not NaN) when they overflowed, None for integers."""
+    records = [jnp.arange(6.0).reshape(2, 3), jnp.arange(4, dtype=jnp.bfloat16), jnp.arange(3)]
     for stats in (
         (jnp.ones(3), jnp.float32(2.0), jnp.ones(3)),
         (jnp.full(3, jnp.inf), jnp.float32(jnp.inf), None),
         (jnp.ones(3), jnp.float32(jnp.nan), jnp.full(3, -jnp.inf)),
     ):
-        np.testing.assert_array_equal(after(delta, stats), delta)
+        floats, half, ints = waiting_cotangents(records, stats)
+        assert ints is None
+        for cotangent, record in ((floats, records[0]), (half, records[1])):
+            assert cotangent.dtype == record.dtype and cotangent.shape == record.shape
+            np.testing.assert_array_equal(np.asarray(cotangent, np.float32), 0.0)
+
+
+def test_tapped_layers_free_their_squares_before_the_next_layer():
+    """With coordinates, each dense layer's squares are made and freed while the reverse
+    pass is at that layer (`waiting_cotangents`), so the compiled temporary memory stays
+    within the issue's 1.5x of a plain gradient's (1.31x here; 1.56x when the statistics
+    of every layer waited for the end of the pass)."""
+    sizes = (40, 512, 512, 10)
+    ks = keys(len(sizes) + 1)
+    params = [
+        {"w": jax.random.normal(k, (m, n)) / np.sqrt(m), "b": jnp.zeros(n)}
+        for k, m, n in zip(ks, sizes[:-1], sizes[1:], strict=False)
+    ]
+    batch = (jax.random.normal(ks[-1], (256, 40)), jnp.arange(256) % 10)
+    mask = jnp.arange(256) < 250  # a bucketed batch: without a mask XLA fused differently
+
+    def loss_fn(params, batch):
+        h, y = batch
+        for layer in params[:-1]:
+            h = jax.nn.relu(h @ layer["w"] + layer["b"])
+        logits = h @ params[-1]["w"] + params[-1]["b"]
+        return jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, y[:, None], 1)[:, 0]
+
+    def mean_loss(params, batch, mask):
+        return jnp.sum(jnp.where(mask, loss_fn(params, batch), 0)) / jnp.sum(mask)
+
+    def temporary_bytes(fn):
+        return fn.lower(params, batch, mask).compile().memory_analysis().temp_size_in_bytes
+
+    plain = temporary_bytes(jax.jit(jax.value_and_grad(mean_loss)))
+    stats = temporary_bytes(per_example_stats(loss_fn, backend="fast", coordinates=True))
+    assert stats <= 1.5 * plain, stats / plain

@@ -5,15 +5,15 @@ A site y = f(a, W) (see `_fast_analysis`) has per-example gradient gᵢ(W) = (�
 and δ. By default (`_fast`) every δ comes out of the reverse pass and the rules run after
 it. A tapped site instead wraps its output in
 
-    y' = tap(y, a, acc) = y,   reverse rule   δ ↦ (∂/∂y, ∂/∂a, ∂/∂acc) = (δ', 0, rule(a, δ)),
+    y' = tap(y, a, acc) = y,   reverse rule   δ ↦ (∂/∂y, ∂/∂a, ∂/∂acc) = (δ, 0', rule(a, δ)),
 
 where ``acc`` is a dummy zero input shaped like the site's statistics (Σgᵢ, Σ‖gᵢ‖², Σgᵢ⊙gᵢ).
 The loss does not depend on ``acc``, but its "gradient" is rule(a, δ), so the reverse pass
 with respect to the accumulators returns the site's statistics, computed when the pass
-reaches the layer. δ' is δ plus a zero computed from those statistics (`after`): the
-pass cannot go on to earlier layers before the rule has run, so XLA frees the layer's a,
-δ and squares first. Without that dependency XLA scheduled the same graph as without
-taps, byte for byte.
+reaches the layer. 0' is a zero computed from those statistics (`waiting_cotangents`):
+a's cotangent flows on to the layers before, so the pass cannot go on to them before the
+rule has run, and XLA frees the layer's a, δ and squares first. Without that dependency
+XLA scheduled the same graph as without taps, byte for byte.
 
 The loss is traced per example under ``jax.vmap`` while the rules work on the whole batch
 (Σᵢ gᵢ⊙gᵢ = (a⊙a)ᵀ(δ⊙δ) is one matrix product, not B outer products), so the tap is a
@@ -98,7 +98,7 @@ def make_tap(site: Site, leaf_aval, coordinates: bool):
     def backward(residuals, delta):
         records, count = residuals
         stats = guarded_stats(site, records, delta, count, leaf_aval, coordinates)
-        return after(delta, stats), [None] * len(records), stats, None
+        return delta, waiting_cotangents(records, stats), stats, None
 
     batched_tap.defvjp(forward, backward)
 
@@ -147,24 +147,37 @@ def guarded_stats(site: Site, records, delta, count, leaf_aval, coordinates: boo
     return stats
 
 
-def after(delta, stats):
-    """δ, made to depend on the squared sums (Σ‖gᵢ‖², Σgᵢ⊙gᵢ) of ``stats`` by adding a zero
-    computed from them.
+def waiting_cotangents(records, stats):
+    """Cotangents of the site's other operands: zeros computed from the squared sums
+    (Σ‖gᵢ‖², Σgᵢ⊙gᵢ) of ``stats`` (``None`` for integer operands).
 
-    The reverse pass goes on to earlier layers with this δ, so XLA must finish the site's
-    statistics first and can free its a, δ and squares before the next layer's, rather
-    than keep every layer's a and δ alive until the end of the pass. Measured on XLA:CPU
-    (MLP 40-512-512-10 with coordinates, temporary memory / plain gradient's): 1.53 /
-    1.56 / 1.65 at B = 64 / 256 / 1024 without it, 1.28 / 1.31 / 1.40 with it.
-    ``lax.optimization_barrier`` on (δ, stats) did not hold at B = 1024: XLA:CPU lowers
-    barriers to control dependencies, which later passes dropped there.
+    The loss does not depend on a through the tap, so the true cotangent is 0. But a is
+    the output of the layers before, and the reverse pass adds this zero to a's cotangent
+    from the layer itself (δWᵀ for a dense layer) before going on to them: XLA must finish
+    the site's statistics first and can free its a, δ and squares before the next
+    layer's, rather than keep every layer's a and δ alive until the end of the pass.
+    Measured on XLA:CPU (MLP 40-512-512-10 with coordinates, temporary memory / plain
+    gradient's): 1.53 / 1.56 / 1.65 at B = 64 / 256 / 1024 without a dependency, 1.28 /
+    1.31 / 1.40 with it. ``lax.optimization_barrier`` on (δ, stats) did not hold at
+    B = 1024: XLA:CPU lowers barriers to control dependencies, which later passes dropped.
+
+    The zero is a broadcast scalar, which XLA fuses into the addition. Added to δ instead
+    (δ + 0, the same dependency), it cost a pass over δ of its own and kept δWᵀ from
+    running beside the statistics (MLP with coordinates, interleaved in one process, time
+    / plain gradient's at B = 64 / 256 / 1024: 1.50 / 1.50 / 1.48x with the zero on δ,
+    1.43 / 1.44 / 1.45x on a; memory the same).
 
     Σgᵢ is left out: it needs no squared copies, and with every site tapped, depending on
     it too raised the MLP's norms-only memory at B = 256 from 1.02x to 1.27x.
 
     The zero is 0·s for s the sum of one entry of each array, or 0 where s is not finite:
-    statistics that overflow must not turn δ into NaN.
+    statistics that overflow must not turn a cotangent into NaN.
     """
     total = sum(jnp.ravel(x)[0].astype(jnp.float32) for x in jax.tree.leaves(stats[1:]))
-    zero = jnp.where(jnp.isfinite(total), 0 * total, 0).astype(delta.dtype)
-    return delta + zero
+    zero = jnp.where(jnp.isfinite(total), 0 * total, 0)
+    return [
+        jnp.broadcast_to(zero.astype(r.dtype), jnp.shape(r))
+        if jnp.issubdtype(r.dtype, jnp.inexact)
+        else None
+        for r in records
+    ]
