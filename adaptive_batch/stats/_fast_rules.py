@@ -217,14 +217,31 @@ def _squares_product(spec, a, d):
     result = jax.eval_shape(lambda a, d: jnp.einsum(spec, a, d), a, d)
     chunk = _row_block(a.shape[0], a[0].size + d[0].size, math.prod(result.shape))
     if chunk == a.shape[0]:
-        return jnp.einsum(spec, a * a, d * d)
+        return _product_of_squares(spec, a, d)
 
     def block(k, total):
         a_k, d_k = (lax.dynamic_slice_in_dim(x, k * chunk, chunk) for x in (a, d))
-        return total + jnp.einsum(spec, a_k * a_k, d_k * d_k)
+        return total + _product_of_squares(spec, a_k, d_k)
 
     zeros = vary_like(jnp.zeros(result.shape, a.dtype), a)  # typed like a under shard_map
     return lax.fori_loop(0, a.shape[0] // chunk, block, zeros)
+
+
+def _product_of_squares(spec, a, d):
+    """einsum(spec, a⊙a, d⊙d); without shared batch dims, as (a⊙a)ᵀ written out, times
+    d⊙d.
+
+    XLA:CPU runs (K×B)·(B×N) with its YNN matrix kernel but (B×K)ᵀ(B×N), the form of
+    the einsum, with Eigen. The squares are a new array anyway, so writing them
+    transposed costs no extra pass; the barrier keeps XLA from folding the transpose back
+    into the product. Measured (MLP 40-512-512-10 with coordinates, interleaved in one
+    process, time / plain gradient's at B = 64 / 256 / 1024): 1.41 / 1.45 / 1.43x ->
+    1.40 / 1.40 / 1.43x, same compiled memory. The gradient's own product aᵀd is left
+    as it is: there a transposed copy of a is a pass of its own (1.50x at B = 256).
+    """
+    if a.ndim == 2:
+        return jnp.dot(lax.optimization_barrier((a * a).T), d * d)
+    return jnp.einsum(spec, a * a, d * d)
 
 
 def _column_square_sums(x):
