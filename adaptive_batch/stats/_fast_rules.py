@@ -233,14 +233,17 @@ def _product_of_squares(spec, a, d):
 
     XLA:CPU runs (K×B)·(B×N) with its YNN matrix kernel but (B×K)ᵀ(B×N), the form of
     the einsum, with Eigen. The squares are a new array anyway, so writing them
-    transposed costs no extra pass; the barrier keeps XLA from folding the transpose back
+    transposed costs little; the barrier keeps XLA from folding the transpose back
     into the product. Measured (MLP 40-512-512-10 with coordinates, interleaved in one
     process, time / plain gradient's at B = 64 / 256 / 1024): 1.41 / 1.45 / 1.43x ->
     1.40 / 1.40 / 1.43x, same compiled memory. The gradient's own product aᵀd is left
     as it is: there a transposed copy of a is a pass of its own (1.50x at B = 256).
     """
     if a.ndim == 2:
-        return jnp.dot(lax.optimization_barrier((a * a).T), d * d)
+        # Squared, then transposed on its own: faster than both in one fused loop
+        # (0.01x at B = 256 and 1024, same memory).
+        squares = lax.optimization_barrier(a * a)
+        return jnp.dot(lax.optimization_barrier(squares.T), d * d)
     return jnp.einsum(spec, a * a, d * d)
 
 
