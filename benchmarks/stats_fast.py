@@ -10,7 +10,8 @@ fresh process, see `run_children`):
   ``jax.value_and_grad`` of the masked mean loss (vmap in rounds of its own, see
   `run_jax`);
 * for the MLP, the floor of ``coordinates=True`` on this machine: the plain gradient
-  together with the products (a⊙a)ᵀ(δ⊙δ) that Σgᵢ⊙gᵢ needs at least (`coordinate_floor`);
+  together with the products (a⊙a)ᵀ(δ⊙δ) that Σgᵢ⊙gᵢ needs at least (`coordinate_floor`),
+  and the same statistics written by hand for that one model (`coordinates_by_hand`);
 * compiled temporary memory (``memory_analysis().temp_size_in_bytes``), as a ratio to
   the plain gradient's.
 
@@ -188,6 +189,57 @@ def coordinate_floor(loss_fn, params, batch_size):
     return jax.jit(fn), (operands,)
 
 
+def coordinates_by_hand():
+    """The MLP's statistics with coordinates written by hand for this one model.
+
+    Each dense layer is a `jax.custom_vjp` whose reverse rule returns, besides the
+    gradients, (x⊙x)ᵀ(δ⊙δ), Σᵢδᵢ⊙δᵢ and Σᵢ(‖xᵢ‖² + 1)‖δᵢ‖² as the "gradient" of a dummy
+    input: the statistics computed where a bespoke implementation would compute them,
+    with the data dependencies the fast backend has (unlike `coordinate_floor`).
+    Returns ``fn(params, batch, mask) -> (loss_sum, grad_sum, sq_norm_sum, sq_sum)``.
+    """
+
+    @jax.custom_vjp
+    def dense(x, w, b, acc):
+        return x @ w + b
+
+    def forward(x, w, b, acc):
+        return x @ w + b, (x, w)
+
+    def backward(residuals, g):
+        x, w = residuals
+        x2, g2 = x * x, g * g
+        norms = jnp.sum((jnp.sum(x2, 1) + 1) * jnp.sum(g2, 1))
+        return g @ w.T, x.T @ g, jnp.sum(g, 0), (x2.T @ g2, jnp.sum(g2, 0), norms)
+
+    dense.defvjp(forward, backward)
+
+    def stats(params, batch, mask):
+        def loss_sum(params, accs):
+            h = batch["x"]
+            for layer, acc in zip(params[:-1], accs[:-1], strict=True):
+                h = jax.nn.relu(dense(h, layer["w"], layer["b"], acc))
+            logits = dense(h, params[-1]["w"], params[-1]["b"], accs[-1])
+            return jnp.sum(jnp.where(mask, xent(logits, batch["y"]), 0))
+
+        accs = [(jnp.zeros_like(p["w"]), jnp.zeros_like(p["b"]), jnp.zeros(())) for p in params]
+        total, (grad_sum, layer_stats) = jax.value_and_grad(loss_sum, (0, 1))(params, accs)
+        sq_sum = [{"w": w, "b": b} for w, b, _ in layer_stats]
+        return total, grad_sum, sum(norms for *_, norms in layer_stats), sq_sum
+
+    return jax.jit(stats)
+
+
+def check_by_hand(by_hand, fast_coords, args):
+    """The hand-written statistics must be the fast backend's (else the column lies)."""
+    total, grad_sum, sq_norm_sum, sq_sum = by_hand(*args)
+    stats = fast_coords(*args)
+    for want, got in ((stats.loss_sum, total), (stats.grad_sum, grad_sum),
+                      (stats.sq_norm_sum, sq_norm_sum), (stats.sq_sum, sq_sum)):  # fmt: skip
+        for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+            np.testing.assert_allclose(g, w, rtol=2e-4, atol=1e-6 * float(jnp.max(jnp.abs(w))))
+
+
 def measure(methods, args, rounds: int, budget_s: float):
     """Seconds per call (median over rounds) and ratio to "plain" (median over rounds of
     the ratio within a round: every round runs all methods back to back, so load from
@@ -235,6 +287,8 @@ def run_jax(model_names, batch_sizes, rounds, budget_s, vmap_max_batch):
             if name == "mlp":  # every weight is a dense layer's: the floor applies
                 floor, extra = coordinate_floor(loss_fn, params, batch_size)
                 timed["floor"] = lambda *args, floor=floor, extra=extra: floor(*args, *extra)
+                timed["by_hand"] = coordinates_by_hand()
+                check_by_hand(timed["by_hand"], methods["fast_coords"], args)
             seconds, ratios = measure(timed, args, rounds, budget_s)
             if batch_size <= vmap_max_batch:
                 # vmap is timed in rounds of its own: run between the others, its B x
@@ -254,6 +308,7 @@ def run_jax(model_names, batch_sizes, rounds, budget_s, vmap_max_batch):
                     row[f"{m}_ms"] = 1e3 * seconds[m]
             if "floor" in ratios:
                 row["coords_floor_x"] = ratios["floor"]
+                row["coords_by_hand_x"] = ratios["by_hand"]
             if "vmap" in methods:
                 row["vmap_over_fast"] = ratios["vmap"] / ratios["fast"]
             rows.append(row)
@@ -267,7 +322,8 @@ def format_row(row):
 
     return (
         f"{row['model']:<12}{row['batch']:>6}{row['plain_ms']:>10.2f}"
-        f"{cell('fast_x'):>9}{cell('fast_coords_x'):>9}{cell('coords_floor_x'):>9}"
+        f"{cell('fast_x'):>9}{cell('fast_coords_x'):>9}{cell('coords_by_hand_x'):>9}"
+        f"{cell('coords_floor_x'):>9}"
         f"{cell('vmap_x', '{:.1f}x'):>9}"
         f"{cell('fast_mem_x'):>9}{cell('fast_coords_mem_x'):>9}{cell('vmap_mem_x', '{:.1f}x'):>9}"
         f"{cell('vmap_over_fast', '{:.0f}x'):>10}"
@@ -275,7 +331,8 @@ def format_row(row):
 
 
 HEADER = (
-    f"{'model':<12}{'B':>6}{'plain ms':>10}{'fast':>9}{'+coords':>9}{'floor':>9}{'vmap':>9}"
+    f"{'model':<12}{'B':>6}{'plain ms':>10}{'fast':>9}{'+coords':>9}{'by hand':>9}{'floor':>9}"
+    f"{'vmap':>9}"
     f"{'mem fast':>9}{'mem +co':>9}{'mem vmap':>9}{'vmap/fast':>10}"
 )
 
