@@ -501,7 +501,7 @@ def run_children(models, args):
 
 def median_rows(runs):
     """One row per (model, batch): the median of each number over the runs, and for the
-    time ratios (keys ending in ``_x`` or ``_over_*``) also ``<key>_range`` = [min, max].
+    ratios (keys ending in ``_x`` or holding ``_over_``) also ``<key>_range`` = [min, max].
 
     One process's ratios moved by up to 0.1 between runs on the shared 2-core machine
     (MLP with coordinates: 1.38-1.49x at B = 64 over eight runs), more than the margins
