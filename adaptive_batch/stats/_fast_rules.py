@@ -15,7 +15,7 @@ for the parameter leaf, without holding all gᵢ at once.
   With P > 1: the Gram form ‖gᵢ‖² = Σₚ,q (aᵢₚ·aᵢq)(δᵢₚ·δᵢq), cost ~B·P²·(K+N), or
   per-example products, cost ~B·P·K·N, whichever is cheaper.
 * Embedding lookup ``y = E[ids]``: gᵢ = rows of δᵢ summed per distinct id; positions
-  with equal ids are grouped by segment sums within each example.
+  with equal ids are grouped by segment sums within each example (`_fast_embedding`).
 * Convolutions: per-example products on unfolded patches (`_fast_conv`).
 * Everything else linear in W (elementwise scale and bias, dense layers
   seen through a broadcast): per-example products gᵢ = (∂y/∂W)ᵀδᵢ, one ``jax.vjp`` of
@@ -40,6 +40,7 @@ from jax import lax
 
 from adaptive_batch.stats._fast_analysis import Site, bind, vary_like
 from adaptive_batch.stats._fast_conv import conv_unfold, is_plain_conv
+from adaptive_batch.stats._fast_embedding import embedding_stats, is_embedding
 
 
 def choose_rule(site: Site, batch_size: int, coordinates: bool) -> str:
@@ -52,7 +53,7 @@ def choose_rule(site: Site, batch_size: int, coordinates: bool) -> str:
         if not coordinates and positions * (k + n) < k * n:
             return "dense-gram"
         return "dense-products"
-    if name == "gather" and _is_embedding(site):
+    if name == "gather" and is_embedding(site):
         return "embedding"
     if name == "conv_general_dilated":
         return "conv" if is_plain_conv(site) else "conv-products"
@@ -97,7 +98,7 @@ def site_stats(site: Site, records, delta, *, leaf_aval, coordinates: bool):
         )
         out = tuple(to_weight(x) if x is not None and x.ndim else x for x in out)
     elif rule == "embedding":
-        out = _embedding(site, records[0], delta, coordinates)
+        out = embedding_stats(site, records[0], delta, coordinates)
     else:  # per-example products, already mapped to the leaf example by example
         return _products(site, records, delta, leaf_aval, coordinates)
     grad_sum, sq_norm, sq_sum = out
@@ -278,53 +279,6 @@ def _dense_gram(a, d):
     gram_a = jnp.einsum("bhpk,bhqk->bhpq", a, a)
     gram_d = jnp.einsum("bhpn,bhqn->bhpq", d, d)
     return grad_sum, jnp.sum(gram_a * gram_d), None
-
-
-# ----------------------------------------------------------------------------- embedding
-
-
-def _is_embedding(site: Site) -> bool:
-    eqn = site.eqn
-    operand, indices = (v.aval for v in eqn.invars)
-    dn = eqn.params["dimension_numbers"]
-    out_ndim = eqn.outvars[0].aval.ndim
-    return (
-        site.weight_pos == 0
-        and site.view.bijective
-        and operand.ndim == 2
-        and indices.shape[-1:] == (1,)
-        and tuple(dn.offset_dims) == (out_ndim - 1,)
-        and tuple(dn.collapsed_slice_dims) == (0,)
-        and tuple(dn.start_index_map) == (0,)
-        and not dn.operand_batching_dims
-        and tuple(eqn.params["slice_sizes"]) == (1, operand.shape[1])
-    )
-
-
-def _embedding(site: Site, ids, delta, coordinates):
-    vocab, width = site.eqn.invars[0].aval.shape
-    batch = ids.shape[0]
-    ids = ids.reshape(batch, -1)
-    delta = delta.reshape(batch, -1, width)
-    positions = ids.shape[1]
-    if site.eqn.params["mode"] == lax.GatherScatterMode.FILL_OR_DROP:
-        valid = (ids >= 0) & (ids < vocab)
-        delta = jnp.where(valid[..., None], delta, 0)
-    else:  # clip (and promise-in-bounds, which XLA clamps)
-        ids = jnp.clip(ids, 0, vocab - 1)
-    # Per example, add each position's signal onto the first position with the same id.
-    first = jnp.argmax(ids[:, :, None] == ids[:, None, :], axis=2)
-    segments = jax.vmap(lambda d, f: jax.ops.segment_sum(d, f, num_segments=positions))(
-        delta, first
-    )
-    squares = jnp.square(segments)
-    flat_ids = ids.reshape(-1)
-    zeros = jnp.zeros((vocab, width), delta.dtype)
-    grad_sum = zeros.at[flat_ids].add(delta.reshape(-1, width), mode="drop")
-    sq_sum = None
-    if coordinates:
-        sq_sum = zeros.at[flat_ids].add(squares.reshape(-1, width), mode="drop")
-    return grad_sum, jnp.sum(squares), sq_sum
 
 
 # ----------------------------------------------------------------------------- products

@@ -1,0 +1,110 @@
+"""The "fast" statistics backend on Equinox models, against the exact vmap backend.
+
+Equinox modules work on one example and are mapped over the batch with ``jax.vmap``
+inside the loss; parameters are the inexact arrays of the module (``eqx.partition``).
+Equinox is a test dependency (``pip install -e ".[test]"``), so these tests run in CI.
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+from test_stats_fast import assert_stats_close, both_backends, keys
+
+from adaptive_batch.stats import fast_stats_report, per_example_stats
+
+
+class ConvNet(eqx.Module):
+    """Strided, padded 1-D convolution, LayerNorm and an MLP, on (channels, length)."""
+
+    conv: eqx.nn.Conv1d
+    norm: eqx.nn.LayerNorm
+    mlp: eqx.nn.MLP
+
+    def __init__(self, key):
+        k1, k2 = jax.random.split(key)
+        self.conv = eqx.nn.Conv1d(3, 4, kernel_size=3, stride=2, padding=1, key=k1)
+        self.norm = eqx.nn.LayerNorm(4 * 6)
+        self.mlp = eqx.nn.MLP(4 * 6, 3, width_size=16, depth=2, key=k2)
+
+    def __call__(self, x):
+        return self.mlp(self.norm(jax.nn.relu(self.conv(x)).reshape(-1)))
+
+
+class AttentionNet(eqx.Module):
+    """Token embedding, multi-head self-attention, LayerNorm, mean-pooled classifier."""
+
+    embed: eqx.nn.Embedding
+    attention: eqx.nn.MultiheadAttention
+    norm: eqx.nn.LayerNorm
+    head: eqx.nn.Linear
+
+    def __init__(self, vocab, width, key):
+        k = jax.random.split(key, 3)
+        self.embed = eqx.nn.Embedding(vocab, width, key=k[0])
+        self.attention = eqx.nn.MultiheadAttention(2, width, key=k[1])
+        self.norm = eqx.nn.LayerNorm(width)
+        self.head = eqx.nn.Linear(width, 3, key=k[2])
+
+    def __call__(self, ids):
+        h = jax.vmap(self.embed)(ids)
+        h = h + self.attention(h, h, h)
+        return self.head(jnp.mean(jax.vmap(self.norm)(h), 0))
+
+
+def equinox_loss(model):
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+
+    def loss_fn(params, batch):
+        logits = jax.vmap(eqx.combine(params, static))(batch["x"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
+
+    return loss_fn, params
+
+
+def conv_batch(n):
+    ks = keys(2)
+    return {"x": jax.random.normal(ks[0], (n, 3, 11)), "y": jax.random.randint(ks[1], (n,), 0, 3)}
+
+
+def test_equinox_conv_layernorm_mlp_with_coordinates_and_mask():
+    loss_fn, params = equinox_loss(ConvNet(jax.random.key(0)))
+    batch = conv_batch(10)
+    mask = jnp.ones(10).at[3].set(0)
+    vmap, fast = both_backends(loss_fn, params, batch, mask, coordinates=True)
+    assert_stats_close(vmap, fast)
+    report = fast_stats_report(loss_fn, params, batch, coordinates=True)
+    assert report[".conv.weight"] == "conv"
+    assert report[".norm.weight"] == "elementwise"
+    assert report[".mlp.layers[1].weight"] == "dense"
+    assert not [path for path, rule in report.items() if rule.startswith("fallback")]
+
+
+def test_equinox_embedding_uses_the_embedding_rule():
+    """eqx.nn.Embedding indexes one token at a time under vmap: a batched dynamic slice
+    with (row, 0) indices, clamped. Repeated ids within an example and an id out of
+    range (clamped to the last row, as the lookup itself does) are included."""
+    vocab = 7
+    loss_fn, params = equinox_loss(AttentionNet(vocab, 8, jax.random.key(1)))
+    ks = keys(2)
+    ids = jax.random.randint(ks[0], (9, 6), 0, vocab)
+    ids = ids.at[0].set(jnp.array([2, 5, 2, 2, 5, 1])).at[1, 3].set(vocab + 3)
+    batch = {"x": ids, "y": jax.random.randint(ks[1], (9,), 0, 3)}
+    mask = jnp.ones(9).at[8].set(0)
+    for coordinates in (False, True):
+        vmap, fast = both_backends(loss_fn, params, batch, mask, coordinates=coordinates)
+        assert_stats_close(vmap, fast)
+    report = fast_stats_report(loss_fn, params, batch, coordinates=True)
+    assert report[".embed.weight"] == "embedding"
+    assert report[".attention.query_proj.weight"] == "dense-products"
+    assert not [path for path, rule in report.items() if rule.startswith("fallback")]
+
+
+def test_equinox_step_under_jit_with_auto_backend():
+    loss_fn, params = equinox_loss(ConvNet(jax.random.key(2)))
+    batch = conv_batch(8)
+    auto = jax.jit(per_example_stats(loss_fn, coordinates=True))(params, batch, None)
+    vmap = per_example_stats(loss_fn, backend="vmap", coordinates=True)(params, batch)
+    assert_stats_close(vmap, auto)
