@@ -49,6 +49,21 @@ def both_backends(loss_fn, params, batch, mask=None, **kwargs):
     return vmap, fast
 
 
+def assert_layer_matches_vmap_without_fallback(loss_fn, params, example_shape):
+    """Fast equals vmap, norms only and with coordinates, on a masked batch of 6, and no
+    leaf falls back (a fallback would warn)."""
+    batch = jax.random.normal(keys(1)[0], (6, *example_shape))
+    mask = jnp.ones(6).at[1].set(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for coordinates in (False, True):
+            assert_stats_close(
+                *both_backends(loss_fn, params, batch, mask, coordinates=coordinates)
+            )
+    report = fast_stats_report(loss_fn, params, batch, coordinates=True)
+    assert not [path for path, rule in report.items() if rule.startswith("fallback")]
+
+
 def keys(n):
     return jax.random.split(jax.random.key(42), n)
 
@@ -403,6 +418,28 @@ def test_parameters_seen_through_a_broadcast():
     report = fast_stats_report(loss_fn, params, batch)
     assert report["['b']"] == report["['s']"] == "elementwise"
     assert_stats_close(*both_backends(loss_fn, params, batch, coordinates=True))
+
+
+NNX_LAYERS = {  # name: (module from Rngs, shape of one example)
+    "RMSNorm": (lambda r: nnx.RMSNorm(5, rngs=r), (5,)),
+    "GroupNorm": (lambda r: nnx.GroupNorm(4, num_groups=2, rngs=r), (3, 4)),
+    "LoRA": (lambda r: nnx.LoRA(5, 2, 4, rngs=r), (5,)),
+    "Einsum": (lambda r: nnx.Einsum("bk,kn->bn", (5, 4), (4,), rngs=r), (5,)),
+    "ConvTranspose": (lambda r: nnx.ConvTranspose(3, 4, (3, 3), strides=(2, 2), rngs=r), (5, 5, 3)),
+    "LinearGeneral": (lambda r: nnx.LinearGeneral((5,), (2, 3), rngs=r), (5,)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(NNX_LAYERS))
+def test_nnx_layers_have_rules_and_match_vmap(name):
+    make, shape = NNX_LAYERS[name]
+    graphdef, params, rest = nnx.split(make(nnx.Rngs(0)), nnx.Param, ...)
+
+    def loss_fn(params, x):
+        out = nnx.merge(graphdef, params, rest)(x)
+        return jnp.sum(out.reshape(out.shape[0], -1) ** 2, -1)
+
+    assert_layer_matches_vmap_without_fallback(loss_fn, params, shape)
 
 
 def test_params_inside_scan_fall_back_and_auto_uses_vmap():

@@ -11,7 +11,13 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
-from test_stats_fast import assert_stats_close, both_backends, keys
+import pytest
+from test_stats_fast import (
+    assert_layer_matches_vmap_without_fallback,
+    assert_stats_close,
+    both_backends,
+    keys,
+)
 
 from adaptive_batch.stats import fast_stats_report, per_example_stats
 
@@ -108,3 +114,25 @@ def test_equinox_step_under_jit_with_auto_backend():
     auto = jax.jit(per_example_stats(loss_fn, coordinates=True))(params, batch, None)
     vmap = per_example_stats(loss_fn, backend="vmap", coordinates=True)(params, batch)
     assert_stats_close(vmap, auto)
+
+
+LAYERS = {  # name: (module from a key, shape of one example)
+    "Conv2d, groups": (lambda k: eqx.nn.Conv2d(4, 6, 3, 2, 1, groups=2, key=k), (4, 9, 9)),
+    "ConvTranspose2d": (lambda k: eqx.nn.ConvTranspose2d(3, 4, 3, 2, key=k), (3, 5, 5)),
+    "GroupNorm": (lambda k: eqx.nn.GroupNorm(2, 4), (4, 5)),
+    "RMSNorm": (lambda k: eqx.nn.RMSNorm(5), (5,)),
+    "PReLU": (lambda k: eqx.nn.PReLU(), (5,)),
+    "Linear to a scalar": (lambda k: eqx.nn.Linear(5, "scalar", key=k), (5,)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_equinox_layers_have_rules_and_match_vmap(name):
+    make, shape = LAYERS[name]
+    params, static = eqx.partition(make(jax.random.key(3)), eqx.is_inexact_array)
+
+    def loss_fn(params, batch):
+        out = jax.vmap(eqx.combine(params, static))(batch)
+        return jnp.sum(out.reshape(out.shape[0], -1) ** 2, -1)
+
+    assert_layer_matches_vmap_without_fallback(loss_fn, params, shape)
