@@ -557,3 +557,22 @@ def test_tapped_layers_free_their_squares_before_the_next_layer():
     plain = temporary_bytes(jax.jit(jax.value_and_grad(mean_loss)))
     stats = temporary_bytes(per_example_stats(loss_fn, backend="fast", coordinates=True))
     assert stats <= 1.5 * plain, stats / plain
+
+
+def test_embedding_coordinates_need_no_extra_table():
+    """Σgᵢ and Σgᵢ⊙gᵢ of a lookup table are two scatter-adds into zero tables; sharing
+    one zero table made XLA copy it, one more V × D temporary (`_unshared_zeros`)."""
+    vocab, width = 4000, 32
+    params = {"embed": jax.random.normal(keys(1)[0], (vocab, width)), "w": jnp.ones((width, 3))}
+    ids = jax.random.randint(keys(2)[1], (4, 8), 0, vocab)
+
+    def loss_fn(p, ids):
+        return jnp.sum((p["embed"][ids].mean(1) @ p["w"]) ** 2, -1)
+
+    def temporary_bytes(coordinates):
+        fn = per_example_stats(loss_fn, backend="fast", coordinates=coordinates)
+        return fn.lower(params, ids, None).compile().memory_analysis().temp_size_in_bytes
+
+    table_bytes = vocab * width * 4
+    assert temporary_bytes(True) < temporary_bytes(False) + table_bytes / 2
+    assert_stats_close(*both_backends(loss_fn, params, ids, coordinates=True))
