@@ -1,4 +1,5 @@
-"""The "fast" statistics backend on Equinox models, against the exact vmap backend.
+"""Equinox models: the "fast" statistics against the exact vmap backend, and training
+with `make_train_step`.
 
 Equinox modules work on one example and are mapped over the batch with ``jax.vmap``
 inside the loss; parameters are the inexact arrays of the module (``eqx.partition``).
@@ -19,6 +20,7 @@ from test_stats_fast import (
     keys,
 )
 
+import adaptive_batch as ab
 from adaptive_batch.stats import fast_stats_report, per_example_stats
 
 
@@ -136,3 +138,20 @@ def test_equinox_layers_have_rules_and_match_vmap(name):
         return jnp.sum(out.reshape(out.shape[0], -1) ** 2, -1)
 
     assert_layer_matches_vmap_without_fallback(loss_fn, params, shape)
+
+
+def test_equinox_model_trains_with_make_train_step():
+    """The partitioned parameters go through the plain-JAX train step and an adaptive
+    transform: the loss falls and the suggested batch size is within the bounds."""
+    loss_fn, params = equinox_loss(ConvNet(jax.random.key(4)))
+    tx = ab.adadagrad(0.05, min_batch_size=4, max_batch_size=64)
+    step = ab.make_train_step(loss_fn, tx)
+    opt_state = tx.init(params)
+    batch = conv_batch(16)
+    mask = jnp.ones(16, bool)
+    losses = []
+    for _ in range(5):
+        params, opt_state, metrics = step(params, opt_state, batch, mask)
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < losses[0]
+    assert 4 <= int(ab.suggested_batch_size(opt_state)) <= 64
