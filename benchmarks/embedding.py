@@ -1,0 +1,165 @@
+"""Fast statistics of embedding lookups, against a plain gradient, measured side by side.
+
+Two token models that are an embedding table, a mean over positions and a linear
+classifier: one in Flax NNX (``nnx.Embed``: ``jnp.take`` of ids) and one in Equinox
+(``eqx.nn.Embedding``: one token at a time under ``jax.vmap``, a batched dynamic
+slice). For each, interleaved in rounds in this one process:
+
+* ``plain``: ``jax.value_and_grad`` of the masked mean loss (the unit),
+* ``fast`` / ``fast+coords``: ``per_example_stats(backend="fast")``, norms only / with
+  Σgᵢ⊙gᵢ (the ``embedding`` rule),
+* for Equinox, ``products+coords``: the same with the lookup sent through the generic
+  per-example products of the whole table (what ``eqx.nn.Embedding`` used before the
+  embedding rule recognised its form).
+
+Time is the median over rounds of the ratio to ``plain`` in the same round; memory the
+compiled temporary buffers, also as a ratio. Needs ``pip install equinox``.
+
+Usage: ``python benchmarks/embedding.py [--quick] [--vocab V --width D --length T
+--batch B]``. The last line is a JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import print_table
+
+import adaptive_batch.stats._fast_rules as fast_rules
+from adaptive_batch.stats import fast_stats_report, per_example_stats
+
+
+class NnxTokens(nnx.Module):
+    def __init__(self, vocab, width, rngs):
+        self.embed = nnx.Embed(vocab, width, rngs=rngs)
+        self.head = nnx.Linear(width, 10, rngs=rngs)
+
+    def __call__(self, ids):
+        return self.head(self.embed(ids).mean(1))
+
+
+class EqxTokens(eqx.Module):
+    embed: eqx.nn.Embedding
+    head: eqx.nn.Linear
+
+    def __init__(self, vocab, width, key):
+        k1, k2 = jax.random.split(key)
+        self.embed = eqx.nn.Embedding(vocab, width, key=k1)
+        self.head = eqx.nn.Linear(width, 10, key=k2)
+
+    def __call__(self, ids):
+        return self.head(jnp.mean(jax.vmap(self.embed)(ids), 0))
+
+
+def nnx_setup(vocab, width):
+    graphdef, params, rest = nnx.split(NnxTokens(vocab, width, nnx.Rngs(0)), nnx.Param, ...)
+
+    def loss_fn(params, batch):
+        logits = nnx.merge(graphdef, params, rest)(batch["x"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
+
+    return loss_fn, params
+
+
+def eqx_setup(vocab, width):
+    params, static = eqx.partition(EqxTokens(vocab, width, jax.random.key(0)), eqx.is_inexact_array)
+
+    def loss_fn(params, batch):
+        logits = jax.vmap(eqx.combine(params, static))(batch["x"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
+
+    return loss_fn, params
+
+
+def compile_without_embedding_rule(loss_fn, args):
+    """Fast statistics compiled with the embedding rule switched off: the lookup goes
+    through the generic per-example products."""
+    recognise = fast_rules.is_embedding
+    fast_rules.is_embedding = lambda site: False
+    try:
+        return per_example_stats(loss_fn, backend="fast", coordinates=True).lower(*args).compile()
+    finally:
+        fast_rules.is_embedding = recognise
+
+
+def measure(loss_fn, params, batch, with_products: bool, budget_s: float):
+    args = (params, batch, jnp.ones(batch["y"].shape[0]))
+
+    def mean_loss(p, b, m):
+        return jnp.sum(m * loss_fn(p, b)) / jnp.sum(m)
+
+    fns = {
+        "plain": jax.jit(jax.value_and_grad(mean_loss)),
+        "fast": per_example_stats(loss_fn, backend="fast"),
+        "fast+coords": per_example_stats(loss_fn, backend="fast", coordinates=True),
+    }
+    compiled = {name: fn.lower(*args).compile() for name, fn in fns.items()}
+    if with_products:
+        compiled["products+coords"] = compile_without_embedding_rule(loss_fn, args)
+    memory = {name: c.memory_analysis().temp_size_in_bytes for name, c in compiled.items()}
+    for c in compiled.values():
+        jax.block_until_ready(c(*args))
+    times = {name: [] for name in compiled}
+    end = time.perf_counter() + budget_s
+    while time.perf_counter() < end or len(times["plain"]) < 3:
+        for name, c in compiled.items():
+            start = time.perf_counter()
+            jax.block_until_ready(c(*args))
+            times[name].append(time.perf_counter() - start)
+    plain = np.asarray(times["plain"])
+    row = {"plain ms": 1e3 * float(np.median(plain))}
+    for name in compiled:
+        if name != "plain":
+            row[f"{name} x"] = float(np.median(np.asarray(times[name]) / plain))
+            row[f"mem {name} x"] = memory[name] / memory["plain"]
+    return row
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, short rounds")
+    parser.add_argument("--vocab", type=int, default=20000)
+    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--length", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=32)
+    args = parser.parse_args()
+    if args.quick:
+        args.vocab, args.width, args.length, args.batch = 2000, 32, 16, 16
+    for name in ("vocab", "width", "length", "batch"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    key_x, key_y = jax.random.split(jax.random.key(1))
+    batch = {
+        "x": jax.random.randint(key_x, (args.batch, args.length), 0, args.vocab),
+        "y": jax.random.randint(key_y, (args.batch,), 0, 10),
+    }
+    budget = 3.0 if args.quick else 15.0
+    rows = []
+    for model, setup in (("nnx.Embed", nnx_setup), ("eqx.nn.Embedding", eqx_setup)):
+        loss_fn, params = setup(args.vocab, args.width)
+        rule = next(r for p, r in fast_stats_report(loss_fn, params, batch).items() if "embed" in p)
+        products = model.startswith("eqx")
+        row = measure(loss_fn, params, batch, with_products=products, budget_s=budget)
+        rows.append({"model": model, "rule": rule, **row})
+    print(
+        f"jax {jax.__version__} on {jax.default_backend()}; V={args.vocab} D={args.width} "
+        f"T={args.length} B={args.batch}; ratios to the plain gradient, measured side by side"
+    )
+    print_table(rows, list(dict.fromkeys(k for r in rows for k in r)))
+    print(json.dumps({"sizes": vars(args), "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
