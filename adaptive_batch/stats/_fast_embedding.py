@@ -99,9 +99,11 @@ def _unshared_zeros(shape, like):
 
     Two scatter-adds into ``jnp.zeros`` of one shape share one constant table after
     XLA's common-subexpression pass, and since a scatter updates its operand in place,
-    XLA:CPU then copies the table for each: one more V × D temporary (V = 20000,
-    D = 128: 11.3 MB instead of 1.1 MB). The zero here is computed from the data (0 × a
-    0/1 flag, so always finite and exactly 0), which keeps its table apart.
+    XLA:CPU then copies the table for each: one more V × D temporary (a 20000×128 table
+    at B = 32, T = 64: 11.3 MB of temporaries instead of 3.2 MB). The zero here is
+    computed from the data (0 × a 0/1 flag, so always finite and exactly 0), which keeps
+    its table apart; a second ``jnp.zeros``, even behind ``lax.optimization_barrier``,
+    was merged with the first.
     """
     zero = jnp.isnan(jnp.ravel(like)[0]).astype(like.dtype) * 0
     return jnp.broadcast_to(zero, shape)
