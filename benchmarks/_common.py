@@ -12,6 +12,7 @@ import statistics
 import time
 
 import jax
+import numpy as np
 
 
 def median_seconds(fn, *args, repeats: int = 5, min_total: float = 0.0) -> float:
@@ -23,6 +24,28 @@ def median_seconds(fn, *args, repeats: int = 5, min_total: float = 0.0) -> float
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def interleaved_rounds(runs: dict, rounds: int, budget_s: float) -> dict[str, list[float]]:
+    """Seconds per call of each function in ``runs`` (no arguments, blocking), in rounds
+    that run every function once, back to back: load from other processes on a shared
+    machine then hits all of them alike. At least 3 rounds, at most ``rounds``, and no
+    new round after ``budget_s`` seconds."""
+    times = {name: [] for name in runs}
+    start = time.perf_counter()
+    for r in range(rounds):
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+        if r >= 2 and time.perf_counter() - start > budget_s:
+            break
+    return times
+
+
+def median_ratio(times: dict, numerator: str, denominator: str) -> float:
+    """Median over rounds of the time ratio within a round (see `interleaved_rounds`)."""
+    return float(np.median(np.asarray(times[numerator]) / np.asarray(times[denominator])))
 
 
 def temp_bytes(fn, *args) -> int:

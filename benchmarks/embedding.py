@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import equinox as eqx
@@ -35,7 +34,7 @@ import optax
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table
+from _common import interleaved_rounds, median_ratio, print_table
 
 import adaptive_batch.stats._fast_rules as fast_rules
 from adaptive_batch.stats import fast_stats_report, per_example_stats
@@ -111,18 +110,12 @@ def measure(loss_fn, params, batch, with_products: bool, budget_s: float):
     memory = {name: c.memory_analysis().temp_size_in_bytes for name, c in compiled.items()}
     for c in compiled.values():
         jax.block_until_ready(c(*args))
-    times = {name: [] for name in compiled}
-    end = time.perf_counter() + budget_s
-    while time.perf_counter() < end or len(times["plain"]) < 3:
-        for name, c in compiled.items():
-            start = time.perf_counter()
-            jax.block_until_ready(c(*args))
-            times[name].append(time.perf_counter() - start)
-    plain = np.asarray(times["plain"])
-    row = {"plain ms": 1e3 * float(np.median(plain))}
+    runs = {name: lambda c=c: jax.block_until_ready(c(*args)) for name, c in compiled.items()}
+    times = interleaved_rounds(runs, rounds=10**6, budget_s=budget_s)
+    row = {"plain ms": 1e3 * float(np.median(times["plain"]))}
     for name in compiled:
         if name != "plain":
-            row[f"{name} x"] = float(np.median(np.asarray(times[name]) / plain))
+            row[f"{name} x"] = median_ratio(times, name, "plain")
             row[f"mem {name} x"] = memory[name] / memory["plain"]
     return row
 

@@ -35,13 +35,16 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax import lax
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import interleaved_rounds, median_ratio
 
 from adaptive_batch.stats import per_example_stats
 
@@ -249,27 +252,9 @@ def measure(methods, args, rounds: int, budget_s: float):
     for fn in methods.values():
         jax.block_until_ready(fn(*args))  # compile and warm up
     runs = {name: lambda fn=fn: jax.block_until_ready(fn(*args)) for name, fn in methods.items()}
-    times = _rounds(runs, rounds, budget_s)
+    times = interleaved_rounds(runs, rounds, budget_s)
     seconds = {name: float(np.median(t)) for name, t in times.items()}
-    return seconds, {name: _median_ratio(times, name, "plain") for name in times}
-
-
-def _rounds(runs, rounds, budget_s):
-    """Per-method lists of seconds; each round runs every method once, back to back."""
-    times = {name: [] for name in runs}
-    start = time.perf_counter()
-    for r in range(rounds):
-        for name, fn in runs.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-        if r >= 2 and time.perf_counter() - start > budget_s:
-            break
-    return times
-
-
-def _median_ratio(times, numerator, denominator):
-    return float(np.median(np.asarray(times[numerator]) / np.asarray(times[denominator])))
+    return seconds, {name: median_ratio(times, name, "plain") for name in times}
 
 
 def temp_bytes(fn, args):
@@ -396,7 +381,10 @@ def run_backpack(model_names, batch_sizes, rounds, budget_s):
             }
             for fn in runs.values():
                 fn()  # warm up
-            theirs = {k: float(np.median(t)) for k, t in _rounds(runs, rounds, budget_s).items()}
+            theirs = {
+                k: float(np.median(t))
+                for k, t in interleaved_rounds(runs, rounds, budget_s).items()
+            }
             row = {
                 "model": name,
                 "batch": batch_size,
