@@ -12,7 +12,10 @@ import statistics
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+from adaptive_batch.stats import per_example_stats
 
 
 def median_seconds(fn, *args, repeats: int = 5, min_total: float = 0.0) -> float:
@@ -46,6 +49,39 @@ def interleaved_rounds(runs: dict, rounds: int, budget_s: float) -> dict[str, li
 def median_ratio(times: dict, numerator: str, denominator: str) -> float:
     """Median over rounds of the time ratio within a round (see `interleaved_rounds`)."""
     return float(np.median(np.asarray(times[numerator]) / np.asarray(times[denominator])))
+
+
+def plain_and_fast(loss_fn) -> dict:
+    """Functions of ``(params, batch, mask)`` to compare: ``plain``, the value and
+    gradient of the masked mean loss (the unit), and ``fast`` / ``fast+coords``, the
+    fast statistics, norms only / with Σgᵢ⊙gᵢ."""
+
+    def mean_loss(params, batch, mask):
+        return jnp.sum(mask * loss_fn(params, batch)) / jnp.sum(mask)
+
+    return {
+        "plain": jax.jit(jax.value_and_grad(mean_loss)),
+        "fast": per_example_stats(loss_fn, backend="fast"),
+        "fast+coords": per_example_stats(loss_fn, backend="fast", coordinates=True),
+    }
+
+
+def ratios_to_plain(compiled: dict, args, budget_s: float) -> dict:
+    """Time and temporary-memory ratios of compiled functions to ``compiled["plain"]``.
+
+    Every function is called once, then all are timed in `interleaved_rounds`. Returns
+    ``{"plain ms", "<name> x" (median ratio), "mem <name> x" (temporary buffers)}``.
+    """
+    memory = {name: c.memory_analysis().temp_size_in_bytes for name, c in compiled.items()}
+    for c in compiled.values():
+        jax.block_until_ready(c(*args))
+    runs = {name: lambda c=c: jax.block_until_ready(c(*args)) for name, c in compiled.items()}
+    times = interleaved_rounds(runs, rounds=10**6, budget_s=budget_s)
+    others = [name for name in compiled if name != "plain"]
+    row = {"plain ms": 1e3 * float(np.median(times["plain"]))}
+    row.update({f"{name} x": median_ratio(times, name, "plain") for name in others})
+    row.update({f"mem {name} x": memory[name] / memory["plain"] for name in others})
+    return row
 
 
 def temp_bytes(fn, *args) -> int:

@@ -29,12 +29,11 @@ from pathlib import Path
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import interleaved_rounds, median_ratio, print_table
+from _common import plain_and_fast, print_table, ratios_to_plain
 
 import adaptive_batch.stats._fast_rules as fast_rules
 from adaptive_batch.stats import fast_stats_report, per_example_stats
@@ -96,28 +95,11 @@ def compile_without_embedding_rule(loss_fn, args):
 def measure(loss_fn, params, batch, with_products: bool, budget_s: float):
     args = (params, batch, jnp.ones(batch["y"].shape[0]))
 
-    def mean_loss(p, b, m):
-        return jnp.sum(m * loss_fn(p, b)) / jnp.sum(m)
-
-    fns = {
-        "plain": jax.jit(jax.value_and_grad(mean_loss)),
-        "fast": per_example_stats(loss_fn, backend="fast"),
-        "fast+coords": per_example_stats(loss_fn, backend="fast", coordinates=True),
-    }
+    fns = plain_and_fast(loss_fn)
     compiled = {name: fn.lower(*args).compile() for name, fn in fns.items()}
     if with_products:
         compiled["products+coords"] = compile_without_embedding_rule(loss_fn, args)
-    memory = {name: c.memory_analysis().temp_size_in_bytes for name, c in compiled.items()}
-    for c in compiled.values():
-        jax.block_until_ready(c(*args))
-    runs = {name: lambda c=c: jax.block_until_ready(c(*args)) for name, c in compiled.items()}
-    times = interleaved_rounds(runs, rounds=10**6, budget_s=budget_s)
-    row = {"plain ms": 1e3 * float(np.median(times["plain"]))}
-    for name in compiled:
-        if name != "plain":
-            row[f"{name} x"] = median_ratio(times, name, "plain")
-            row[f"mem {name} x"] = memory[name] / memory["plain"]
-    return row
+    return ratios_to_plain(compiled, args, budget_s)
 
 
 def main():

@@ -62,6 +62,29 @@ class AttentionNet(eqx.Module):
         return self.head(jnp.mean(jax.vmap(self.norm)(h), 0))
 
 
+class ScannedMLP(eqx.Module):
+    """Linear layers made by ``eqx.filter_vmap`` (stacked leaves), run by ``lax.scan``."""
+
+    layers: eqx.nn.Linear
+    head: eqx.nn.Linear
+
+    def __init__(self, width, depth, key):
+        k1, k2 = jax.random.split(key)
+        self.layers = eqx.filter_vmap(lambda k: eqx.nn.Linear(width, width, key=k))(
+            jax.random.split(k1, depth)
+        )
+        self.head = eqx.nn.Linear(width, 3, key=k2)
+
+    def __call__(self, x):
+        dynamic, static = eqx.partition(self.layers, eqx.is_array)
+
+        def step(h, layer_params):
+            return jax.nn.gelu(eqx.combine(layer_params, static)(h)), None
+
+        h, _ = jax.lax.scan(step, x, dynamic)
+        return self.head(h)
+
+
 def equinox_loss(model):
     params, static = eqx.partition(model, eqx.is_inexact_array)
 
@@ -87,6 +110,17 @@ def test_equinox_conv_layernorm_mlp_with_coordinates_and_mask():
     assert report[".conv.weight"] == "conv"
     assert report[".norm.weight"] == "elementwise"
     assert report[".mlp.layers[1].weight"] == "dense"
+    assert not [path for path, rule in report.items() if rule.startswith("fallback")]
+
+
+def test_equinox_layers_stacked_by_filter_vmap_and_scanned():
+    loss_fn, params = equinox_loss(ScannedMLP(5, 3, jax.random.key(0)))
+    ks = keys(2)
+    batch = {"x": jax.random.normal(ks[0], (8, 5)), "y": jax.random.randint(ks[1], (8,), 0, 3)}
+    vmap, fast = both_backends(loss_fn, params, batch, jnp.ones(8).at[6].set(0), coordinates=True)
+    assert_stats_close(vmap, fast)
+    report = fast_stats_report(loss_fn, params, batch, coordinates=True)
+    assert report[".layers.weight"] == "dense" and report[".layers.bias"] == "elementwise"
     assert not [path for path, rule in report.items() if rule.startswith("fallback")]
 
 

@@ -352,17 +352,23 @@ def test_batch_sharded_over_devices():
     assert_stats_close(vmap, fast)
 
 
-def test_inside_shard_map_sums_per_device_then_psum():
-    mesh = jax.make_mesh((4,), ("data",), devices=jax.devices()[:4])
-    params, batch = mlp_params(), mlp_batch(n=8)
-    stats_fn = per_example_stats(mlp_loss, backend="fast", coordinates=True)
-    step = jax.jit(
+def summed_over_shard_map(stats_fn, mesh):
+    """``stats_fn`` on each device's rows inside ``shard_map``, then ``psum`` over "data"."""
+    return jax.jit(
         jax.shard_map(
             lambda p, b: jax.lax.psum(stats_fn(p, b), "data"),
             mesh=mesh,
             in_specs=(PartitionSpec(), PartitionSpec("data")),
             out_specs=PartitionSpec(),
         )
+    )
+
+
+def test_inside_shard_map_sums_per_device_then_psum():
+    mesh = jax.make_mesh((4,), ("data",), devices=jax.devices()[:4])
+    params, batch = mlp_params(), mlp_batch(n=8)
+    step = summed_over_shard_map(
+        per_example_stats(mlp_loss, backend="fast", coordinates=True), mesh
     )
     fast = step(params, jax.device_put(batch, NamedSharding(mesh, PartitionSpec("data"))))
     vmap = per_example_stats(mlp_loss, backend="vmap", coordinates=True)(params, batch)
@@ -442,7 +448,7 @@ def test_nnx_layers_have_rules_and_match_vmap(name):
     assert_layer_matches_vmap_without_fallback(loss_fn, params, shape)
 
 
-def test_params_inside_scan_fall_back_and_auto_uses_vmap():
+def test_params_shared_by_scan_iterations_fall_back_and_auto_uses_vmap():
     params = {"w": jax.random.normal(keys(1)[0], (4, 4)) / 2}
     batch = jax.random.normal(keys(2)[1], (6, 4))
 
@@ -450,10 +456,11 @@ def test_params_inside_scan_fall_back_and_auto_uses_vmap():
         h, _ = lax.scan(lambda h, _: (jnp.tanh(h @ p["w"]), None), x, None, length=3)
         return jnp.sum(h**2, axis=-1)
 
-    assert fast_stats_report(loss_fn, params, batch) == {"['w']": "fallback: used by `scan`"}
+    reason = "a constant of `scan`, shared by its iterations"
+    assert fast_stats_report(loss_fn, params, batch) == {"['w']": f"fallback: {reason}"}
     vmap = per_example_stats(loss_fn, backend="vmap", coordinates=True)(params, batch)
     fast_module._WARNED.clear()
-    with pytest.warns(UserWarning, match="used by `scan`"):
+    with pytest.warns(UserWarning, match=reason):
         fast = per_example_stats(loss_fn, backend="fast", coordinates=True)(params, batch)
     assert_stats_close(vmap, fast)
     with warnings.catch_warnings():
@@ -576,3 +583,15 @@ def test_embedding_coordinates_need_no_extra_table():
     table_bytes = vocab * width * 4
     assert temporary_bytes(True) < temporary_bytes(False) + table_bytes / 2
     assert_stats_close(*both_backends(loss_fn, params, ids, coordinates=True))
+
+
+def test_parameter_passed_through_a_jit_call_still_has_its_rule():
+    params = {"w": jax.random.normal(keys(1)[0], (3, 2))}
+    batch = jax.random.normal(keys(2)[1], (5, 3))
+
+    def loss_fn(p, x):
+        w = jax.jit(lambda w: w)(p["w"])  # inlined; its output is the leaf itself
+        return jnp.sum((x @ w) ** 2, axis=-1)
+
+    assert fast_stats_report(loss_fn, params, batch) == {"['w']": "dense"}
+    assert_stats_close(*both_backends(loss_fn, params, batch, coordinates=True))

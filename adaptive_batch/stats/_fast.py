@@ -39,7 +39,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from adaptive_batch.stats._fast_analysis import Plan, analyze, evaluate, vary_like
+from adaptive_batch.stats._fast_analysis import (
+    Plan,
+    analyze,
+    evaluate,
+    transpose_views,
+    vary_like,
+)
 from adaptive_batch.stats._fast_rules import choose_rule
 from adaptive_batch.stats._fast_tap import (
     guarded_stats,
@@ -124,7 +130,8 @@ def _sums(plan: Plan, coordinates: bool, params, batch, mask):
     fallback = sorted(plan.fallback)
     reference = jax.tree.leaves(batch)[0]
     batch_size = jnp.shape(reference)[0]
-    avals = {p: jax.typeof(leaves[plan.sites[p].view.leaf]) for p in paths}
+    # The leaf each site's rule sees: inside a scan, one slice of it.
+    avals = {p: _site_leaf_aval(plan.sites[p], leaves) for p in paths}
     taps = {p: make_tap(plan.sites[p], avals[p], coordinates) for p in tapped}
     zeros = [
         _batch_zeros(reference, aval.shape, aval.dtype)
@@ -135,7 +142,9 @@ def _sums(plan: Plan, coordinates: bool, params, batch, mask):
     # over the same device axes as the statistics computed from it.
     accumulators = [
         jax.tree.map(
-            lambda s: vary_like(jnp.zeros(s.shape, s.dtype), reference),
+            lambda s, p=p: vary_like(
+                jnp.zeros(_per_iteration(plan.sites[p], s), s.dtype), reference
+            ),
             stats_shapes(plan.sites[p], batch_size, avals[p], coordinates),
         )
         for p in tapped
@@ -155,10 +164,10 @@ def _sums(plan: Plan, coordinates: bool, params, batch, mask):
             for p, eps in zip(perturbed, perturbations, strict=True)
         }
         site_fns.update(
-            (p, functools.partial(_apply_tap, taps[p], acc=acc, count=count, weight=weight))
-            for p, acc in zip(tapped, accs, strict=True)
+            (p, functools.partial(_apply_tap, taps[p], count=count, weight=weight)) for p in tapped
         )
-        loss = evaluate(plan, args + list(example_leaves), site_fns)[0]
+        site_xs = dict(zip(tapped, accs, strict=True))
+        loss = evaluate(plan, args + list(example_leaves), site_fns, site_xs)[0]
         return loss, [records[p] for p in perturbed]
 
     def masked_total(perturbations, accs, leaf_copies):
@@ -171,7 +180,10 @@ def _sums(plan: Plan, coordinates: bool, params, batch, mask):
         masked_total, zeros, accumulators, copies, has_aux=True
     )
     deltas, tap_stats, copy_grads = backward(jnp.ones_like(total))
-    site_stats = dict(zip(tapped, tap_stats, strict=True))
+    site_stats = {
+        p: _unstack_scan(plan.sites[p], jax.typeof(leaves[plan.sites[p].view.leaf]), stats)
+        for p, stats in zip(tapped, tap_stats, strict=True)
+    }
     for path, site_records, delta in zip(perturbed, records, deltas, strict=True):
         site_stats[path] = guarded_stats(
             plan.sites[path], site_records, delta, count, avals[path], coordinates
@@ -205,8 +217,31 @@ def _sums(plan: Plan, coordinates: bool, params, batch, mask):
     )
 
 
-def _apply_tap(tap, y, records, *, acc, count, weight):
+def _apply_tap(tap, y, records, acc, *, count, weight):
     return tap(y, records, acc, count, weight)
+
+
+def _site_leaf_aval(site, leaves):
+    return site.view.scan.aval if site.view.scan else jax.typeof(leaves[site.view.leaf])
+
+
+def _per_iteration(site, spec):
+    """Inside a scan, one accumulator per iteration, stacked: the scan slices them."""
+    return (site.view.scan.length, *spec.shape) if site.view.scan else spec.shape
+
+
+def _unstack_scan(site, leaf_aval, stats):
+    """A scanned site's statistics, stacked over the iterations, as the leaf's: Σgᵢ and
+    Σgᵢ⊙gᵢ are the slices' stacked (and seen back through the views before the scan),
+    Σ‖gᵢ‖² is the sum of the slices'."""
+    where = site.view.scan
+    if where is None:
+        return stats
+    grad_sum, sq_norm, sq_sum = stats
+    grad_sum = transpose_views(where.outer_chain, leaf_aval, grad_sum)
+    if sq_sum is not None:
+        sq_sum = transpose_views(where.outer_chain, leaf_aval, sq_sum)
+    return grad_sum, jnp.sum(sq_norm), sq_sum
 
 
 def _perturb(y, site_records, *, eps, records):

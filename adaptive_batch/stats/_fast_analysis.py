@@ -9,13 +9,25 @@ one equation that is linear in it — a *site*: ``dot_general``, ``conv_general_
     gᵢ(W) = Vᵀ (∂y/∂Wv)ᵀ δᵢ,   δᵢ = ∂ℓᵢ/∂y,
 
 with y the site output, Wv the viewed leaf and V the view chain. Every other leaf
-(used twice, e.g. tied embeddings, or through another primitive, or inside a loop or a
-custom derivative) falls back to exact per-example gradients.
+(used twice, e.g. tied embeddings, or through another primitive, or shared by the
+iterations of a loop, or inside a custom derivative) falls back to exact per-example
+gradients.
+
+Layers stacked along a leading axis and run by ``lax.scan`` (Flax ``nn.scan``,
+``nnx.scan``, a hand-written loop over layers) are sites too: a leaf that the scan slices
+(one of its ``xs``) gives iteration t the parameter Wₜ = W[t], a weight of its own, so
+
+    gᵢ(W)[t] = gᵢ(Wₜ),   Σᵢ‖gᵢ(W)‖² = Σₜ Σᵢ‖gᵢ(Wₜ)‖²,
+
+and the statistics of W are those of each slice, stacked (`ScanSlice`). A leaf that every
+iteration reads whole (a scan constant or carry) is one weight shared over the
+iterations, like a weight shared over positions, and falls back.
 
 ``jit`` / ``closed_call`` / ``core_call`` / ``checkpoint`` sub-jaxprs that receive a
 parameter are inlined, because Flax layers and ``jax.numpy`` functions (``jnp.take``)
-wrap their work in them. Custom-derivative calls are never inlined: their rule would be
-lost.
+wrap their work in them. A ``jax.checkpoint`` body (primitive ``remat2``) is followed
+the same way and re-run under ``jax.checkpoint``, so it is still rematerialised.
+Custom-derivative calls are never inlined: their rule would be lost.
 
 Sites are keyed by their *path*, the tuple of equation indices from the top jaxpr down
 through inlined calls, because the same inner jaxpr object can be called twice.
@@ -24,6 +36,7 @@ through inlined calls, because the same inner jaxpr object can be called twice.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -39,7 +52,10 @@ VIEW_PRIMITIVES = frozenset(
     {"reshape", "transpose", "convert_element_type", "squeeze", "broadcast_in_dim", "copy"}
 )
 # Call primitives whose body is inlined when a parameter flows in.
-INLINE_PRIMITIVES = frozenset({"jit", "pjit", "closed_call", "core_call", "checkpoint"})
+INLINE_PRIMITIVES = frozenset({"jit", "pjit", "closed_call", "core_call", "checkpoint", "remat2"})
+# Bodies that run again in the reverse pass (``jax.checkpoint``, whose primitive is
+# ``remat2``) or once per iteration (``scan``): their sites' statistics come from taps.
+REMAT_PRIMITIVE = "remat2"
 # Primitives linear (or affine) in the operand at these positions.
 LINEAR_POSITIONS = {
     "dot_general": (0, 1),
@@ -54,11 +70,24 @@ LINEAR_POSITIONS = {
 
 
 @dataclasses.dataclass(frozen=True)
+class ScanSlice:
+    """How a leaf reaches the body of the ``lax.scan`` at ``path``: through the views
+    ``outer_chain``, then sliced along the leading axis (``length`` slices of ``aval``)."""
+
+    path: Path
+    outer_chain: tuple[Any, ...]
+    length: int
+    aval: Any
+
+
+@dataclasses.dataclass(frozen=True)
 class View:
-    """A value that is parameter leaf ``leaf`` seen through the view equations ``chain``."""
+    """A value that is parameter leaf ``leaf`` seen through the view equations ``chain``
+    (inside a scan body: one slice of the leaf, seen through ``chain``; see `ScanSlice`)."""
 
     leaf: int
     chain: tuple[Any, ...] = ()
+    scan: ScanSlice | None = None
 
     @property
     def bijective(self) -> bool:
@@ -78,6 +107,8 @@ class Site:
     weight_pos: int  # position of the (viewed) parameter among eqn.invars
     view: View
     rule: str = ""  # filled in by the layer rules: "dense", "embedding", ...
+    # Inside a scan or checkpoint body: no value may be carried out of it (`_fast_tap`).
+    nested: bool = False
 
 
 @dataclasses.dataclass
@@ -90,6 +121,7 @@ class Plan:
     inline: frozenset[Path]
     fallback: dict[int, str]  # leaf -> why it falls back
     unused: frozenset[int]
+    scans: frozenset[Path] = frozenset()  # scans with sites in their body
 
 
 def sub_jaxpr(eqn) -> tuple[Any, Sequence[Any]]:
@@ -105,7 +137,7 @@ def analyze(closed_jaxpr, num_leaves: int) -> Plan:
     uses: dict[int, list] = {i: [] for i in range(num_leaves)}
     inline: set[Path] = set()
 
-    def walk(jaxpr, in_infos, prefix: Path):
+    def walk(jaxpr, in_infos, prefix: Path, nested: bool = False):
         env = {v: info for v, info in zip(jaxpr.invars, in_infos, strict=True) if info}
 
         def info_of(atom):
@@ -120,22 +152,62 @@ def analyze(closed_jaxpr, num_leaves: int) -> Plan:
             name = eqn.primitive.name
             if name in VIEW_PRIMITIVES and len(eqn.invars) == 1:
                 view = views[0][1]
-                env[eqn.outvars[0]] = View(view.leaf, (*view.chain, eqn))
+                env[eqn.outvars[0]] = dataclasses.replace(view, chain=(*view.chain, eqn))
             elif name in INLINE_PRIMITIVES:
                 inline.add(path)
                 body, _ = sub_jaxpr(eqn)
-                outs = walk(body, infos, path)
+                outs = walk(body, infos, path, nested or name == REMAT_PRIMITIVE)
                 env.update({v: info for v, info in zip(eqn.outvars, outs, strict=True) if info})
+            elif name == "scan":
+                outs = walk(sub_jaxpr(eqn)[0], scan_body_infos(eqn, infos, path), path, True)
+                env.update(scan_output_infos(eqn, outs, path))
             elif len(views) == 1 and views[0][0] in LINEAR_POSITIONS.get(name, ()):
                 pos, view = views[0]
-                uses[view.leaf].append(Site(path, eqn, pos, view))
+                uses[view.leaf].append(Site(path, eqn, pos, view, nested=nested))
             else:
                 for _, view in views:
                     uses[view.leaf].append(f"used by `{name}`")
-        for atom in jaxpr.outvars:
-            if info_of(atom) is not None:
-                uses[info_of(atom).leaf].append("returned without a layer")
-        return [info_of(a) for a in jaxpr.outvars]
+        outs = [info_of(a) for a in jaxpr.outvars]
+        if not prefix:  # a body's outputs are followed where its call's outputs go
+            for view in filter(None, outs):
+                uses[view.leaf].append("returned without a layer")
+        return outs
+
+    def scan_body_infos(eqn, infos, path: Path):
+        """Views of the scan body's inputs: slices of the leaves among the ``xs``."""
+        first_xs = eqn.params["num_consts"] + eqn.params["num_carry"]
+        body_invars = sub_jaxpr(eqn)[0].invars
+        inner = [None] * len(infos)
+        for i, view in enumerate(infos):
+            if view is None:
+                continue
+            if i < first_xs:
+                role = "a constant" if i < eqn.params["num_consts"] else "a carry"
+                uses[view.leaf].append(f"{role} of `scan`, shared by its iterations")
+            elif view.scan is not None:
+                uses[view.leaf].append("sliced by nested `scan`s")
+            elif not view.bijective:
+                uses[view.leaf].append("broadcast before `scan` slices it")
+            else:
+                aval = body_invars[i].aval
+                where = ScanSlice(path, view.chain, eqn.params["length"], aval)
+                inner[i] = View(view.leaf, (), where)
+        return inner
+
+    def scan_output_infos(eqn, body_outs, path: Path):
+        """Views of the scan's outputs: a slice passed through unchanged stacks back to
+        the leaf (Flax's lifted scans return the layers' state so); anything else that
+        leaves the body is a use of its own."""
+        outs = {}
+        for j, view in enumerate(body_outs):
+            if view is None:
+                continue
+            passed = view.scan is not None and view.scan.path == path and not view.chain
+            if passed and j >= eqn.params["num_carry"]:
+                outs[eqn.outvars[j]] = View(view.leaf, view.scan.outer_chain)
+            else:
+                uses[view.leaf].append("returned by a `scan` body")
+        return outs
 
     jaxpr = closed_jaxpr.jaxpr
     infos = [View(i) for i in range(num_leaves)] + [None] * (len(jaxpr.invars) - num_leaves)
@@ -153,7 +225,24 @@ def analyze(closed_jaxpr, num_leaves: int) -> Plan:
                 fallback[leaf] = f"used {len(leaf_uses)} times ({', '.join(reasons)})"
             else:
                 fallback[leaf] = reasons[0]
-    return Plan(closed_jaxpr, num_leaves, sites, frozenset(inline), fallback, frozenset(unused))
+    scans = frozenset(site.view.scan.path for site in sites.values() if site.view.scan)
+    return Plan(
+        closed_jaxpr, num_leaves, sites, frozenset(inline), fallback, frozenset(unused), scans
+    )
+
+
+def transpose_views(chain, leaf_aval, cotangent):
+    """Map a cotangent of a value seen through the views ``chain`` back to the leaf
+    (dtype casts skipped, so the sums keep their accumulation precision)."""
+
+    def view(w):
+        for eqn in chain:
+            if eqn.primitive.name != "convert_element_type":
+                w = bind(eqn, w)
+        return w
+
+    primal = vary_like(jnp.zeros(leaf_aval.shape, cotangent.dtype), cotangent)
+    return jax.vjp(view, primal)[1](cotangent)[0]
 
 
 def bind(eqn, *args, params=None):
@@ -186,12 +275,15 @@ def vary_like(x, reference):
     return _vary(x, axes) if axes else x
 
 
-def evaluate(plan: Plan, args: Sequence[Any], site_fns: dict[Path, Any]):
-    """Run the per-example jaxpr, replacing each site's output y by ``site_fns[path](y, records)``
-    with records the site's non-parameter operands. Returns the jaxpr's outputs.
+def evaluate(plan: Plan, args: Sequence[Any], site_fns: dict[Path, Any], site_xs=None):
+    """Run the per-example jaxpr, replacing each site's output y by
+    ``site_fns[path](y, records, *xs)`` with records the site's non-parameter operands
+    and ``xs`` = ``[site_xs[path]]`` where given. A site inside a scan body gets the
+    slice of ``site_xs[path]`` for its iteration (the scan slices it like its ``xs``).
+    Returns the jaxpr's outputs.
     """
 
-    def run(jaxpr, consts, values, prefix: Path):
+    def run(jaxpr, consts, values, prefix: Path, xs_of):
         env = {}
 
         def read(atom):
@@ -202,11 +294,20 @@ def evaluate(plan: Plan, args: Sequence[Any], site_fns: dict[Path, Any]):
         for k, eqn in enumerate(jaxpr.eqns):
             path = (*prefix, k)
             invals = [read(a) for a in eqn.invars]
-            if eqn.primitive.name in INLINE_PRIMITIVES:
+            if eqn.primitive.name == REMAT_PRIMITIVE:
+                # Still rematerialised: the body's sites are taps (`Site.nested`), which
+                # carry nothing out of it.
+                body, body_consts = sub_jaxpr(eqn)
+                rerun = functools.partial(run, body, body_consts, prefix=path, xs_of=xs_of)
+                policy, prevent_cse = eqn.params["policy"], eqn.params["prevent_cse"]
+                outs = jax.checkpoint(rerun, policy=policy, prevent_cse=prevent_cse)(invals)
+            elif eqn.primitive.name in INLINE_PRIMITIVES:
                 # Always inlined here: re-binding a call traced without the caller's mesh
                 # fails under vmap over a batch with explicit sharding.
                 body, body_consts = sub_jaxpr(eqn)
-                outs = run(body, body_consts, invals, path)
+                outs = run(body, body_consts, invals, path, xs_of)
+            elif path in plan.scans:
+                outs = run_scan(eqn, invals, path, xs_of)
             else:
                 with eqn.ctx.manager:
                     outs = bind(eqn, *invals)
@@ -215,8 +316,31 @@ def evaluate(plan: Plan, args: Sequence[Any], site_fns: dict[Path, Any]):
                 site = plan.sites.get(path)
                 if site is not None:
                     records = [v for i, v in enumerate(invals) if i != site.weight_pos]
-                    outs = [site_fns[path](outs[0], records)]
+                    xs = [xs_of[path]] if path in xs_of else []
+                    outs = [site_fns[path](outs[0], records, *xs)]
             env.update(zip(eqn.outvars, outs, strict=True))
         return [read(a) for a in jaxpr.outvars]
 
-    return run(plan.jaxpr.jaxpr, plan.jaxpr.consts, list(args), ())
+    def run_scan(eqn, invals, path: Path, xs_of):
+        """The scan re-run with ``lax.scan``, its body by `run`, slicing the sites' xs."""
+        body, body_consts = sub_jaxpr(eqn)
+        consts_end = eqn.params["num_consts"]
+        carry_end = consts_end + eqn.params["num_carry"]
+        inner = {p: x for p, x in xs_of.items() if p[: len(path)] == path}
+
+        def step(carry, xs):
+            values, inner_xs = xs
+            outs = run(body, body_consts, [*invals[:consts_end], *carry, *values], path, inner_xs)
+            return outs[: len(carry)], outs[len(carry) :]
+
+        carry, ys = jax.lax.scan(
+            step,
+            invals[consts_end:carry_end],
+            (invals[carry_end:], inner),
+            length=eqn.params["length"],
+            reverse=eqn.params["reverse"],
+            unroll=eqn.params["unroll"],
+        )
+        return [*carry, *ys]
+
+    return run(plan.jaxpr.jaxpr, plan.jaxpr.consts, list(args), (), site_xs or {})

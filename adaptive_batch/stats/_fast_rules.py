@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from adaptive_batch.stats._fast_analysis import Site, bind, vary_like
+from adaptive_batch.stats._fast_analysis import Site, bind, transpose_views, vary_like
 from adaptive_batch.stats._fast_conv import conv_unfold, is_plain_conv
 from adaptive_batch.stats._fast_embedding import embedding_stats, is_embedding
 
@@ -123,17 +123,8 @@ def _grouped_products(spec: str, x, y):
 
 
 def chain_transpose(site: Site, leaf_aval, cotangent):
-    """Map a cotangent of the viewed weight back to the leaf (dtype casts skipped, so the
-    sums keep their accumulation precision)."""
-
-    def chain(w):
-        for eqn in site.view.chain:
-            if eqn.primitive.name != "convert_element_type":
-                w = bind(eqn, w)
-        return w
-
-    primal = vary_like(jnp.zeros(leaf_aval.shape, cotangent.dtype), cotangent)
-    return jax.vjp(chain, primal)[1](cotangent)[0]
+    """Map a cotangent of the viewed weight back to the leaf (`transpose_views`)."""
+    return transpose_views(site.view.chain, leaf_aval, cotangent)
 
 
 # ----------------------------------------------------------------------------- dense

@@ -57,8 +57,13 @@ def uses_tap(site: Site, coordinates: bool) -> bool:
     XLA:CPU the tighter buffer reuse of taps made small batches slower (CNN at B = 64,
     1.26x → 1.44x a plain gradient), as reused buffers serialise work that would
     otherwise run on both cores.
+
+    Sites inside a ``lax.scan`` or ``jax.checkpoint`` body are always tapped: a
+    perturbation would have to carry every iteration's a and δ out of the loop, or the
+    inputs out of the rematerialised body, while the tap's accumulator, sliced by the
+    scan like the weight, collects each iteration's statistics.
     """
-    return coordinates and site.rule == "dense"
+    return site.nested or (coordinates and site.rule == "dense")
 
 
 def stats_shapes(site: Site, batch_size: int, leaf_aval, coordinates: bool):

@@ -1,0 +1,259 @@
+"""The "fast" backend on layers run by ``lax.scan`` and ``jax.checkpoint``.
+
+A leaf that a scan slices (stacked layers: Flax ``nn.scan``, ``nnx.scan``, a loop written
+with ``lax.scan``) gets the layer rules slice by slice; a leaf that every iteration reads
+whole (a recurrent weight) falls back to exact per-example gradients. Every model is
+checked field by field against ``backend="vmap"``, as in test_stats_fast.py.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen, nnx
+from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec
+from test_stats_fast import assert_stats_close, both_backends, keys, summed_over_shard_map
+
+import adaptive_batch.stats._fast as fast_module
+from adaptive_batch.stats import fast_stats_report, per_example_stats
+
+LAYERS, WIDTH = 3, 6
+
+
+def stacked_params():
+    ks = keys(4)
+    return {
+        "layers": {
+            "w": jax.random.normal(ks[0], (LAYERS, WIDTH, WIDTH)) / np.sqrt(WIDTH),
+            "b": 0.1 * jax.random.normal(ks[1], (LAYERS, WIDTH)),
+        },
+        "head": jax.random.normal(ks[2], (WIDTH, 3)),
+    }
+
+
+def stacked_loss(reverse=False):
+    def loss_fn(params, batch):
+        def layer(h, weights):
+            return jnp.tanh(h @ weights["w"] + weights["b"]), None
+
+        h, _ = lax.scan(layer, batch["x"], params["layers"], reverse=reverse)
+        logits = h @ params["head"]
+        return (
+            jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, batch["y"][:, None], 1)[:, 0]
+        )
+
+    return loss_fn
+
+
+def batch_of(n):
+    k1, k2 = keys(2)
+    return {"x": jax.random.normal(k1, (n, WIDTH)), "y": jax.random.randint(k2, (n,), 0, 3)}
+
+
+def assert_fast_without_fallback(loss_fn, params, batch, mask=None, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback would warn
+        for coordinates in (False, True):
+            vmap, fast = both_backends(
+                loss_fn, params, batch, mask, coordinates=coordinates, **kwargs
+            )
+            assert_stats_close(vmap, fast)
+    report = fast_stats_report(loss_fn, params, batch, coordinates=True)
+    assert not [path for path, rule in report.items() if rule.startswith("fallback")], report
+    return report
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_stacked_layers_in_scan_masked_nan_padding_and_microbatches(reverse):
+    params, batch = stacked_params(), batch_of(10)
+    batch["x"] = batch["x"].at[3].set(jnp.nan)
+    mask = jnp.ones(10).at[3].set(0)
+    report = assert_fast_without_fallback(stacked_loss(reverse), params, batch, mask)
+    assert report == {
+        "['head']": "dense",
+        "['layers']['b']": "elementwise",
+        "['layers']['w']": "dense",
+    }
+    assert_fast_without_fallback(stacked_loss(reverse), params, batch, mask, microbatch_size=4)
+
+
+def test_stacked_layers_seen_through_a_transpose_before_the_scan():
+    params = stacked_params()
+    # Stored layer axis last; the loss moves it to the front for the scan.
+    params["layers"]["w"] = jnp.moveaxis(params["layers"]["w"], 0, -1)
+
+    def loss_fn(p, batch):
+        moved = {"w": jnp.moveaxis(p["layers"]["w"], -1, 0), "b": p["layers"]["b"]}
+        return stacked_loss()({"layers": moved, "head": p["head"]}, batch)
+
+    assert_fast_without_fallback(loss_fn, params, batch_of(7))
+
+
+def test_all_padding_batch_with_scanned_layers_is_zero_even_with_nan():
+    params, batch = stacked_params(), batch_of(4)
+    batch["x"] = batch["x"].at[0].set(jnp.nan)
+    stats = per_example_stats(stacked_loss(), backend="fast", coordinates=True)(
+        params, batch, jnp.zeros(4)
+    )
+    for leaf in jax.tree.leaves(stats):
+        np.testing.assert_array_equal(leaf, np.zeros_like(leaf))
+
+
+class LinenBlock(linen.Module):
+    @linen.compact
+    def __call__(self, h, _):
+        h = linen.LayerNorm()(linen.Dense(WIDTH)(h))
+        return jnp.tanh(h), None
+
+
+class LinenStack(linen.Module):
+    @linen.compact
+    def __call__(self, x):
+        block = linen.scan(
+            linen.remat(LinenBlock),
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            length=LAYERS,
+        )
+        h, _ = block()(x, None)
+        return linen.Dense(3)(h)
+
+
+def test_linen_scan_of_rematerialised_blocks():
+    model = LinenStack()
+    batch = batch_of(8)
+    params = model.init(jax.random.key(0), batch["x"])
+
+    def loss_fn(p, b):
+        logits = model.apply(p, b["x"])
+        return jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, b["y"][:, None], 1)[:, 0]
+
+    report = assert_fast_without_fallback(loss_fn, params, batch, jnp.ones(8).at[5].set(0))
+    assert report["['params']['ScanCheckpointLinenBlock_0']['Dense_0']['kernel']"] == "dense"
+
+
+class NNXBlock(nnx.Module):
+    """Self-attention and a dense layer over a sequence, like a transformer layer."""
+
+    def __init__(self, rngs):
+        self.attention = nnx.MultiHeadAttention(
+            num_heads=2, in_features=WIDTH, decode=False, rngs=rngs
+        )
+        self.norm = nnx.LayerNorm(WIDTH, rngs=rngs)
+        self.dense = nnx.Linear(WIDTH, WIDTH, rngs=rngs)
+
+    def __call__(self, x):
+        x = x + self.attention(self.norm(x))
+        return x + nnx.gelu(self.dense(x))
+
+
+class NNXStack(nnx.Module):
+    def __init__(self, rngs):
+        @nnx.split_rngs(splits=LAYERS)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def create(rngs):
+            return NNXBlock(rngs)
+
+        self.blocks = create(rngs)
+        self.head = nnx.Linear(WIDTH, 3, rngs=rngs)
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        @nnx.remat
+        def forward(x, block):
+            return block(x)
+
+        return self.head(jnp.mean(forward(x, self.blocks), axis=1))
+
+
+def test_nnx_scan_over_transformer_layers():
+    graphdef, params = nnx.split(NNXStack(nnx.Rngs(0)))
+    ks = keys(2)
+    batch = {
+        "x": jax.random.normal(ks[0], (6, 5, WIDTH)),
+        "y": jax.random.randint(ks[1], (6,), 0, 3),
+    }
+
+    def loss_fn(p, b):
+        logits = nnx.merge(graphdef, p)(b["x"])
+        return jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, b["y"][:, None], 1)[:, 0]
+
+    report = assert_fast_without_fallback(loss_fn, params, batch, jnp.ones(6).at[2].set(0))
+    assert report["['blocks']['attention']['query']['kernel'].value"].startswith("dense-")
+    assert report["['blocks']['norm']['scale'].value"] == "elementwise"
+
+
+def test_checkpointed_layers_without_scan():
+    stacked, batch = stacked_params(), batch_of(6)
+    params = {
+        "w": list(stacked["layers"]["w"]),
+        "b": list(stacked["layers"]["b"]),
+        "head": stacked["head"],
+    }
+
+    def loss_fn(p, b):
+        h = b["x"]
+        for w, c in zip(p["w"], p["b"], strict=True):
+            h = jax.checkpoint(lambda h, w, c: jnp.tanh(h @ w + c))(h, w, c)
+        return jnp.sum((h @ p["head"]) ** 2, -1)
+
+    report = assert_fast_without_fallback(loss_fn, params, batch, jnp.ones(6).at[0].set(0))
+    assert report["['w'][0]"] == "dense"
+
+
+def test_weights_shared_by_the_iterations_fall_back_with_a_reason():
+    params = {"w": jax.random.normal(keys(1)[0], (WIDTH, WIDTH)) / 2, "h0": jnp.zeros(WIDTH)}
+    batch = jax.random.normal(keys(2)[1], (6, 4, WIDTH))
+
+    def loss_fn(p, x):  # a recurrent layer: the same w on every step
+        def step(h, x_t):
+            h = jnp.tanh(h @ p["w"] + x_t)
+            return h, None
+
+        h0 = jnp.broadcast_to(p["h0"], (x.shape[0], WIDTH))
+        h, _ = lax.scan(step, h0, jnp.swapaxes(x, 0, 1))
+        return jnp.sum(h**2, axis=-1)
+
+    report = fast_stats_report(loss_fn, params, batch)
+    assert report["['w']"] == "fallback: a constant of `scan`, shared by its iterations"
+    fast_module._WARNED.clear()
+    with pytest.warns(UserWarning, match="shared by its iterations"):
+        vmap, fast = both_backends(loss_fn, params, batch, coordinates=True)
+    assert_stats_close(vmap, fast)
+
+
+def test_leaf_sliced_by_nested_scans_falls_back():
+    params = {"w": jax.random.normal(keys(1)[0], (2, 3, WIDTH, WIDTH)) / 3}
+    batch = jax.random.normal(keys(2)[1], (5, WIDTH))
+
+    def loss_fn(p, x):
+        def outer(h, w_group):
+            h, _ = lax.scan(lambda h, w: (jnp.tanh(h @ w), None), h, w_group)
+            return h, None
+
+        h, _ = lax.scan(outer, x, p["w"])
+        return jnp.sum(h**2, axis=-1)
+
+    assert fast_stats_report(loss_fn, params, batch) == {
+        "['w']": "fallback: sliced by nested `scan`s"
+    }
+    fast_module._WARNED.clear()
+    with pytest.warns(UserWarning, match="nested"):
+        vmap, fast = both_backends(loss_fn, params, batch, coordinates=True)
+    assert_stats_close(vmap, fast)
+
+
+def test_scanned_layers_batch_sharded_and_inside_shard_map():
+    params, batch = stacked_params(), batch_of(16)
+    mesh = jax.make_mesh((8,), ("data",))
+    sharded = jax.device_put(batch, NamedSharding(mesh, PartitionSpec("data")))
+    stats_fn = per_example_stats(stacked_loss(), backend="fast", coordinates=True)
+    vmap = per_example_stats(stacked_loss(), backend="vmap", coordinates=True)(params, batch)
+    assert_stats_close(vmap, stats_fn(params, sharded))
+
+    assert_stats_close(vmap, summed_over_shard_map(stats_fn, mesh)(params, sharded))
