@@ -12,6 +12,11 @@ slice). For each, interleaved in rounds in this one process:
   per-example products of the whole table (what ``eqx.nn.Embedding`` used before the
   embedding rule recognised its form).
 
+A third model ties the table to the output layer (``nnx.Embed.attend``, logits over the
+vocabulary at every position, next-token targets): the table's statistics then come
+from the ``shared-products`` rule, shown against ``vmap+coords``, exact per-example
+gradients (what the fallback for tied weights held in memory: B tables).
+
 Time is the median over rounds of the ratio to ``plain`` in the same round; memory the
 compiled temporary buffers, also as a ratio. Needs ``pip install equinox``.
 
@@ -61,6 +66,27 @@ class EqxTokens(eqx.Module):
         return self.head(jnp.mean(jax.vmap(self.embed)(ids), 0))
 
 
+class NnxTiedTokens(nnx.Module):
+    """Tied input and output embedding: the table also maps each position to logits."""
+
+    def __init__(self, vocab, width, rngs):
+        self.embed = nnx.Embed(vocab, width, rngs=rngs)
+        self.mix = nnx.Linear(width, width, rngs=rngs)
+
+    def __call__(self, ids):
+        return self.embed.attend(jnp.tanh(self.mix(self.embed(ids))))
+
+
+def nnx_tied_setup(vocab, width):
+    graphdef, params, rest = nnx.split(NnxTiedTokens(vocab, width, nnx.Rngs(0)), nnx.Param, ...)
+
+    def loss_fn(params, batch):  # next-token style: a target per position
+        logits = nnx.merge(graphdef, params, rest)(batch["x"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean(-1)
+
+    return loss_fn, params
+
+
 def nnx_setup(vocab, width):
     graphdef, params, rest = nnx.split(NnxTokens(vocab, width, nnx.Rngs(0)), nnx.Param, ...)
 
@@ -92,13 +118,16 @@ def compile_without_embedding_rule(loss_fn, args):
         fast_rules.is_embedding = recognise
 
 
-def measure(loss_fn, params, batch, with_products: bool, budget_s: float):
+def measure(loss_fn, params, batch, with_products: bool, with_vmap: bool, budget_s: float):
     args = (params, batch, jnp.ones(batch["y"].shape[0]))
 
     fns = plain_and_fast(loss_fn)
     compiled = {name: fn.lower(*args).compile() for name, fn in fns.items()}
     if with_products:
         compiled["products+coords"] = compile_without_embedding_rule(loss_fn, args)
+    if with_vmap:
+        vmap = per_example_stats(loss_fn, backend="vmap", coordinates=True)
+        compiled["vmap+coords"] = vmap.lower(*args).compile()
     return ratios_to_plain(compiled, args, budget_s)
 
 
@@ -116,17 +145,28 @@ def main():
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     key_x, key_y = jax.random.split(jax.random.key(1))
-    batch = {
-        "x": jax.random.randint(key_x, (args.batch, args.length), 0, args.vocab),
-        "y": jax.random.randint(key_y, (args.batch,), 0, 10),
-    }
+    ids = jax.random.randint(key_x, (args.batch, args.length), 0, args.vocab)
+    labels = jax.random.randint(key_y, (args.batch,), 0, 10)
+    next_ids = jax.random.randint(key_y, (args.batch, args.length), 0, args.vocab)
     budget = 3.0 if args.quick else 15.0
     rows = []
-    for model, setup in (("nnx.Embed", nnx_setup), ("eqx.nn.Embedding", eqx_setup)):
+    models = (
+        ("nnx.Embed", nnx_setup, labels),
+        ("eqx.nn.Embedding", eqx_setup, labels),
+        ("nnx.Embed tied (attend)", nnx_tied_setup, next_ids),
+    )
+    for model, setup, targets in models:
+        batch = {"x": ids, "y": targets}
         loss_fn, params = setup(args.vocab, args.width)
         rule = next(r for p, r in fast_stats_report(loss_fn, params, batch).items() if "embed" in p)
-        products = model.startswith("eqx")
-        row = measure(loss_fn, params, batch, with_products=products, budget_s=budget)
+        row = measure(
+            loss_fn,
+            params,
+            batch,
+            with_products=model.startswith("eqx"),
+            with_vmap="tied" in model,
+            budget_s=budget,
+        )
         rows.append({"model": model, "rule": rule, **row})
     print(
         f"jax {jax.__version__} on {jax.default_backend()}; V={args.vocab} D={args.width} "

@@ -319,17 +319,52 @@ def test_linen_cnn_under_outer_jit_no_recompile():
     assert_stats_close(vmap, fast)
 
 
-def test_tied_embeddings_fall_back_with_warning_and_report():
+def test_tied_embeddings_sum_both_sites_without_fallback():
     params, batch = tied_setup()
     mask = jnp.array([1, 1, 1, 0, 1, 1, 0, 1])
-    fast_module._WARNED.clear()
-    with pytest.warns(UserWarning, match=r"params\['embed'\]: used 2 times"):
-        fast = per_example_stats(tied_loss, backend="fast", coordinates=True)(params, batch, mask)
-    vmap = per_example_stats(tied_loss, backend="vmap", coordinates=True)(params, batch, mask)
-    assert_stats_close(vmap, fast)
+    batch["x"] = batch["x"].at[3].set(10**6)  # an id far out of range in a padding row
     report = fast_stats_report(tied_loss, params, batch)  # norms only: Gram allowed
-    assert report["['embed']"].startswith("fallback: used 2 times")
-    assert report["['w']"] == "dense-gram"
+    assert report == {"['embed']": "shared-products", "['w']": "dense-gram"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback would warn
+        for coordinates in (False, True):
+            assert_stats_close(
+                *both_backends(tied_loss, params, batch, mask, coordinates=coordinates)
+            )
+
+
+def test_tied_embedding_needs_no_per_example_table_per_row():
+    """The fallback held B per-example gradients of the table; the shared rule holds
+    those of one chunk of examples (compiled temporary memory, not timed)."""
+    vocab, width, n = 2000, 32, 16
+    ks = keys(4)
+    params = {
+        "embed": jax.random.normal(ks[0], (vocab, width)),
+        "w": jax.random.normal(ks[1], (width, width)),
+    }
+    batch = {
+        "x": jax.random.randint(ks[2], (n, 3), 0, vocab),
+        "y": jax.random.randint(ks[3], (n,), 0, vocab),
+    }
+    table_bytes = vocab * width * 4
+    for coordinates in (False, True):
+        stats_fn = per_example_stats(tied_loss, backend="fast", coordinates=coordinates)
+        compiled = stats_fn.lower(params, batch, jnp.ones(n)).compile()
+        assert compiled.memory_analysis().temp_size_in_bytes < 4 * table_bytes
+
+
+def test_tied_weight_used_inside_a_scan_falls_back():
+    params, batch = tied_setup()
+
+    def loss_fn(p, b):  # the output layer reads E on every step of a loop
+        h = jnp.tanh(p["embed"][b["x"]] @ p["w"]).mean(axis=1)
+        h, _ = lax.scan(lambda h, _: (jnp.tanh(h @ p["embed"].T @ p["embed"]), None), h, None, 2)
+        return optax_xent(h @ p["embed"].T, b["y"])
+
+    assert fast_stats_report(loss_fn, params, batch)["['embed']"].startswith("fallback: used")
+    fast_module._WARNED.clear()
+    with pytest.warns(UserWarning, match=r"params\['embed'\]: used"):
+        assert_stats_close(*both_backends(loss_fn, params, batch, coordinates=True))
 
 
 def test_auto_backend_silent_and_equal():

@@ -14,11 +14,13 @@ layers asked for coordinate sums are "tapped" instead (`_fast_tap`): their rule 
 inside the same reverse pass, when it reaches the layer, which keeps the squares of one
 layer alive at a time rather than every layer's a and δ at the end of the pass.
 
-Leaves used any other way (tied weights, parameters inside loops or custom
-derivatives, unusual primitives) fall back to exact per-example gradients *in the same
-pass*: they are fed in broadcast to one copy per example, and the reverse pass returns
-the per-example gradients of those leaves only. `fast_stats_report` tells which leaf
-uses which rule.
+A leaf linear at several sites (tied weights) gets the per-example products of all of
+them, summed example by example (`_fast_shared`); sites inside a ``lax.scan`` or
+``jax.checkpoint`` body are always tapped. Leaves used any other way (weights shared by
+a loop's iterations, custom derivatives, unusual primitives) fall back to exact
+per-example gradients *in the same pass*: they are fed in broadcast to one copy per
+example, and the reverse pass returns the per-example gradients of those leaves only.
+`fast_stats_report` tells which leaf uses which rule.
 
 The loss is traced per example (a batch of one, as the ``"vmap"`` backend does), so the
 batch axis of every recorded value is the leading axis added by ``jax.vmap``; this is
@@ -47,7 +49,9 @@ from adaptive_batch.stats._fast_analysis import (
     vary_like,
 )
 from adaptive_batch.stats._fast_rules import choose_rule
+from adaptive_batch.stats._fast_shared import shared_stats
 from adaptive_batch.stats._fast_tap import (
+    guarded,
     guarded_stats,
     make_tap,
     stats_shapes,
@@ -184,9 +188,24 @@ def _sums(plan: Plan, coordinates: bool, params, batch, mask):
         p: _unstack_scan(plan.sites[p], jax.typeof(leaves[plan.sites[p].view.leaf]), stats)
         for p, stats in zip(tapped, tap_stats, strict=True)
     }
+    shared = {}  # leaf -> its sites, records and δ (tied weights, `_fast_shared`)
     for path, site_records, delta in zip(perturbed, records, deltas, strict=True):
-        site_stats[path] = guarded_stats(
-            plan.sites[path], site_records, delta, count, avals[path], coordinates
+        site = plan.sites[path]
+        if site.shared:
+            shared.setdefault(site.view.leaf, []).append((site, site_records, delta))
+        else:
+            site_stats[path] = guarded_stats(
+                site, site_records, delta, count, avals[path], coordinates
+            )
+    for uses in shared.values():
+        sites, site_records, site_deltas = (list(x) for x in zip(*uses, strict=True))
+        leaf_aval = avals[sites[0].path]
+
+        def rule(r, d, sites=sites, leaf_aval=leaf_aval):
+            return shared_stats(sites, r, d, leaf_aval=leaf_aval, coordinates=coordinates)
+
+        site_stats[sites[0].path] = guarded(
+            rule, site_records, site_deltas, count, leaf_aval, coordinates
         )
 
     grad_sum, sq_sum, sq_norm = [None] * len(leaves), [None] * len(leaves), []
@@ -204,16 +223,16 @@ def _sums(plan: Plan, coordinates: bool, params, batch, mask):
     def zero_if_no_real_row(x):
         return jnp.where(count > 0, x, jnp.zeros_like(x))
 
-    def guarded(values):  # the sites' statistics are guarded already (`guarded_stats`)
+    def as_tree(values):  # the sites' statistics are guarded already (`guarded`)
         values = [zero_if_no_real_row(x) if i in fallback else x for i, x in enumerate(values)]
         return jax.tree.unflatten(treedef, values)
 
     return GradStats(
         count=count,
         loss_sum=jnp.sum(masked(losses, mask)),
-        grad_sum=guarded(grad_sum),
+        grad_sum=as_tree(grad_sum),
         sq_norm_sum=zero_if_no_real_row(sum(sq_norm) if sq_norm else jnp.zeros((), jnp.float32)),
-        sq_sum=guarded(sq_sum) if coordinates else None,
+        sq_sum=as_tree(sq_sum) if coordinates else None,
     )
 
 
@@ -278,7 +297,8 @@ def fast_stats_report(loss_fn, params: PyTree, batch: PyTree, *, coordinates: bo
     Returns a dict from the leaf's key path (``jax.tree_util.keystr``) to one of
     ``"dense"`` (one position per example), ``"dense-gram"`` / ``"dense-products"``
     (weights shared over positions), ``"conv"`` / ``"conv-products"``, ``"embedding"``,
-    ``"elementwise"`` (scales, biases), ``"products"``, ``"unused"``, or
+    ``"elementwise"`` (scales, biases), ``"products"``, ``"shared-products"`` (a leaf
+    linear at several sites, such as tied embeddings), ``"unused"``, or
     ``"fallback: <reason>"`` (exact per-example gradients for that leaf).
 
     Example:

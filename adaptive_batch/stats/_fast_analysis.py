@@ -8,10 +8,10 @@ one equation that is linear in it — a *site*: ``dot_general``, ``conv_general_
 
     gᵢ(W) = Vᵀ (∂y/∂Wv)ᵀ δᵢ,   δᵢ = ∂ℓᵢ/∂y,
 
-with y the site output, Wv the viewed leaf and V the view chain. Every other leaf
-(used twice, e.g. tied embeddings, or through another primitive, or shared by the
-iterations of a loop, or inside a custom derivative) falls back to exact per-example
-gradients.
+with y the site output, Wv the viewed leaf and V the view chain. A leaf linear at each
+of several sites (tied embeddings) has gᵢ(W) = Σₛ gᵢˢ(W), one term per site. Every
+other leaf (used through another primitive, or shared by the iterations of a loop, or
+inside a custom derivative) falls back to exact per-example gradients.
 
 Layers stacked along a leading axis and run by ``lax.scan`` (Flax ``nn.scan``,
 ``nnx.scan``, a hand-written loop over layers) are sites too: a leaf that the scan slices
@@ -109,6 +109,8 @@ class Site:
     rule: str = ""  # filled in by the layer rules: "dense", "embedding", ...
     # Inside a scan or checkpoint body: no value may be carried out of it (`_fast_tap`).
     nested: bool = False
+    # The leaf enters the loss at other sites too (tied weights): gᵢ sums over them.
+    shared: bool = False
 
 
 @dataclasses.dataclass
@@ -219,6 +221,10 @@ def analyze(closed_jaxpr, num_leaves: int) -> Plan:
             unused.add(leaf)
         elif len(leaf_uses) == 1 and isinstance(leaf_uses[0], Site):
             sites[leaf_uses[0].path] = leaf_uses[0]
+        elif all(isinstance(u, Site) and not u.nested and not u.view.scan for u in leaf_uses):
+            # Linear at every use (tied embeddings): per-example products of all of them,
+            # summed example by example after the pass (`_fast_shared`).
+            sites.update((u.path, dataclasses.replace(u, shared=True)) for u in leaf_uses)
         else:
             reasons = [u if isinstance(u, str) else f"`{u.eqn.primitive.name}`" for u in leaf_uses]
             if len(leaf_uses) > 1:

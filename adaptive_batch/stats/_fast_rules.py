@@ -46,6 +46,8 @@ from adaptive_batch.stats._fast_embedding import embedding_stats, is_embedding
 def choose_rule(site: Site, batch_size: int, coordinates: bool) -> str:
     """The rule a site uses, decided from static shapes only."""
     name = site.eqn.primitive.name
+    if site.shared:
+        return "shared-products"
     if name == "dot_general" and site.view.bijective:
         _, _, positions, k, n = _dense_sizes(site)
         if positions == 1:
@@ -81,14 +83,14 @@ def site_stats(site: Site, records, delta, *, leaf_aval, coordinates: bool):
             # ran in two chunks, and glibc mapped their buffers fresh from the OS on every
             # call (with MALLOC_MMAP_THRESHOLD_=4294967296 it was 1.3x).
             budget = 2 * max(a.size + d.size, a.shape[2] * d.shape[2])
-            out = _chunked_sums(
+            out = chunked_sums(
                 lambda a, d: _grouped_products("bhpk,bhpn->bhkn", a, d), (a, d), budget, coordinates
             )
         out = tuple(_dense_to_weight(site, x) if x is not None and x.ndim else x for x in out)
     elif rule == "conv":
         unfold, to_weight, patch_size = conv_unfold(site)
         a = records[0]
-        out = _chunked_sums(
+        out = chunked_sums(
             lambda a, d: _grouped_products("bgkp,bgpn->bgkn", *unfold(a, d)),
             (a, delta),
             a.size + delta.size,
@@ -279,14 +281,21 @@ def _products(site: Site, records, delta, leaf_aval, coordinates):
     """Per-example gᵢ(W) = Vᵀ(∂y/∂Wv)ᵀδᵢ by a vjp of the site equation and of the view
     chain V (a broadcast view sums over positions, so it is undone before squaring),
     in chunks."""
+    per_example = jax.vmap(per_example_grad(site, leaf_aval))
+    w_size = site.eqn.invars[site.weight_pos].aval.size
+    budget = max(delta.size, w_size, math.prod(leaf_aval.shape))
+    return chunked_sums(lambda r, d: per_example(r, d), (records, delta), budget, coordinates)
+
+
+def per_example_grad(site: Site, leaf_aval):
+    """``grad(records, delta)``: one example's gᵢ(W) at the site, shaped like the leaf."""
     eqn, pos = site.eqn, site.weight_pos
     w_aval = eqn.invars[pos].aval
     bind_params = eqn.primitive.get_bind_params(eqn.params)
-
     others = [v.aval for i, v in enumerate(eqn.invars) if i != pos]
     out_dtype = eqn.outvars[0].aval.dtype
 
-    def one(recs, d):
+    def grad(recs, d):
         # Back to the traced dtypes: the records were widened for the sums.
         recs = [r.astype(aval.dtype) for r, aval in zip(recs, others, strict=True)]
 
@@ -299,12 +308,10 @@ def _products(site: Site, records, delta, leaf_aval, coordinates):
         g = jax.vjp(site_fn, w)[1](d.astype(out_dtype))[0]
         return chain_transpose(site, leaf_aval, g.astype(d.dtype))
 
-    per_example = jax.vmap(one)
-    budget = max(delta.size, w_aval.size, math.prod(leaf_aval.shape))
-    return _chunked_sums(lambda r, d: per_example(r, d), (records, delta), budget, coordinates)
+    return grad
 
 
-def _chunked_sums(
+def chunked_sums(
     per_example_grads, inputs, budget: int, coordinates: bool, extra_per_row=0, slice_in_place=False
 ):
     """Σ g, Σ‖g‖², [Σ g⊙g] of per-example grads, ≤ budget elements of them (and of

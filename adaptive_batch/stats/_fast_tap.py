@@ -127,26 +127,34 @@ def make_tap(site: Site, leaf_aval, coordinates: bool):
 
 
 def guarded_stats(site: Site, records, delta, count, leaf_aval, coordinates: bool):
-    """The site's (Σgᵢ, Σ‖gᵢ‖², Σgᵢ⊙gᵢ | None), zero when ``count`` is 0.
+    """The site's (Σgᵢ, Σ‖gᵢ‖², Σgᵢ⊙gᵢ | None), zero when ``count`` is 0 (`guarded`)."""
+
+    def rule(records, delta):
+        return site_stats(site, records, delta, leaf_aval=leaf_aval, coordinates=coordinates)
+
+    return guarded(rule, records, delta, count, leaf_aval, coordinates)
+
+
+def guarded(rule, records, delta, count, leaf_aval, coordinates: bool):
+    """``rule(records, delta)`` on widened inputs (any pytrees), zero when ``count`` is 0.
 
     Padding rows are copies of a real row with zero loss weight (see `_fast`), so their δ
     is 0 and needs no masking. A batch without real rows may hold NaN: the smaller side of
     the rule, its inputs or its outputs, is zeroed then (a select after a matrix product
     keeps the product's result as one more parameter-sized temporary).
     """
-    records = [widen(r) for r in records]
-    delta = widen(delta)
+    records, delta = jax.tree.map(widen, (records, delta))
     real = count > 0
 
     def zero_if_no_real_row(x):
         return jnp.where(real, x, jnp.zeros_like(x))
 
     leaf_size = math.prod(leaf_aval.shape)
-    guard_inputs = delta.size + sum(r.size for r in records) < leaf_size * (1 + coordinates)
+    inputs_size = sum(x.size for x in jax.tree.leaves((records, delta)))
+    guard_inputs = inputs_size < leaf_size * (1 + coordinates)
     if guard_inputs:
-        records = [zero_if_no_real_row(r) for r in records]
-        delta = zero_if_no_real_row(delta)
-    stats = site_stats(site, records, delta, leaf_aval=leaf_aval, coordinates=coordinates)
+        records, delta = jax.tree.map(zero_if_no_real_row, (records, delta))
+    stats = rule(records, delta)
     if not guard_inputs:
         stats = jax.tree.map(zero_if_no_real_row, stats)
     return stats
