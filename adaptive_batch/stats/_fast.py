@@ -197,16 +197,7 @@ def _sums(plan: Plan, coordinates: bool, params, batch, mask):
             site_stats[path] = guarded_stats(
                 site, site_records, delta, count, avals[path], coordinates
             )
-    for uses in shared.values():
-        sites, site_records, site_deltas = (list(x) for x in zip(*uses, strict=True))
-        leaf_aval = avals[sites[0].path]
-
-        def rule(r, d, sites=sites, leaf_aval=leaf_aval):
-            return shared_stats(sites, r, d, leaf_aval=leaf_aval, coordinates=coordinates)
-
-        site_stats[sites[0].path] = guarded(
-            rule, site_records, site_deltas, count, leaf_aval, coordinates
-        )
+    site_stats.update(_shared_leaf_stats(shared, count, avals, coordinates))
 
     grad_sum, sq_sum, sq_norm = [None] * len(leaves), [None] * len(leaves), []
     for path, (g, q, s) in site_stats.items():
@@ -238,6 +229,21 @@ def _sums(plan: Plan, coordinates: bool, params, batch, mask):
 
 def _apply_tap(tap, y, records, acc, *, count, weight):
     return tap(y, records, acc, count, weight)
+
+
+def _shared_leaf_stats(shared: dict, count, avals, coordinates: bool) -> dict:
+    """Each tied leaf's statistics from all of its sites' records and δ (`_fast_shared`),
+    keyed by its first site's path."""
+    out = {}
+    for uses in shared.values():
+        sites, site_records, site_deltas = (list(x) for x in zip(*uses, strict=True))
+        leaf_aval = avals[sites[0].path]
+
+        def rule(r, d, sites=sites, leaf_aval=leaf_aval):
+            return shared_stats(sites, r, d, leaf_aval=leaf_aval, coordinates=coordinates)
+
+        out[sites[0].path] = guarded(rule, site_records, site_deltas, count, leaf_aval, coordinates)
+    return out
 
 
 def _site_leaf_aval(site, leaves):
