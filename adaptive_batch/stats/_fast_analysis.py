@@ -115,12 +115,11 @@ class Site:
 
 @dataclasses.dataclass
 class Plan:
-    """Result of the analysis: sites of the fast leaves, fallback reasons, inlined calls."""
+    """Result of the analysis: sites of the fast leaves, fallback reasons, unused leaves."""
 
     jaxpr: Any  # ClosedJaxpr of the per-example loss
     num_leaves: int
     sites: dict[Path, Site]
-    inline: frozenset[Path]
     fallback: dict[int, str]  # leaf -> why it falls back
     unused: frozenset[int]
     scans: frozenset[Path] = frozenset()  # scans with sites in their body
@@ -137,7 +136,6 @@ def sub_jaxpr(eqn) -> tuple[Any, Sequence[Any]]:
 def analyze(closed_jaxpr, num_leaves: int) -> Plan:
     """Classify every parameter leaf (the first ``num_leaves`` jaxpr inputs)."""
     uses: dict[int, list] = {i: [] for i in range(num_leaves)}
-    inline: set[Path] = set()
 
     def walk(jaxpr, in_infos, prefix: Path, nested: bool = False):
         env = {v: info for v, info in zip(jaxpr.invars, in_infos, strict=True) if info}
@@ -156,7 +154,6 @@ def analyze(closed_jaxpr, num_leaves: int) -> Plan:
                 view = views[0][1]
                 env[eqn.outvars[0]] = dataclasses.replace(view, chain=(*view.chain, eqn))
             elif name in INLINE_PRIMITIVES:
-                inline.add(path)
                 body, _ = sub_jaxpr(eqn)
                 outs = walk(body, infos, path, nested or name == REMAT_PRIMITIVE)
                 env.update({v: info for v, info in zip(eqn.outvars, outs, strict=True) if info})
@@ -232,9 +229,7 @@ def analyze(closed_jaxpr, num_leaves: int) -> Plan:
             else:
                 fallback[leaf] = reasons[0]
     scans = frozenset(site.view.scan.path for site in sites.values() if site.view.scan)
-    return Plan(
-        closed_jaxpr, num_leaves, sites, frozenset(inline), fallback, frozenset(unused), scans
-    )
+    return Plan(closed_jaxpr, num_leaves, sites, fallback, frozenset(unused), scans)
 
 
 def transpose_views(chain, leaf_aval, cotangent):
