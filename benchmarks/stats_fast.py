@@ -22,7 +22,8 @@ With PyTorch and BackPACK installed (``pip install torch==2.13.0
 backpack-for-pytorch``) the same MLP and CNN are also timed with BackPACK's
 BatchL2Grad (and SumGradSquared for coordinates), reported as our time / BackPACK's.
 
-Run: ``python benchmarks/stats_fast.py [--quick] [--models mlp,cnn] [--repeats N]``. With
+Run: ``python benchmarks/stats_fast.py [--quick] [--models mlp,cnn] [--repeats N]
+[--batch-sizes 64 4096]``. With
 ``--repeats N`` each model runs in N fresh processes and the table gives medians and
 ranges (`median_rows`). The last line is a JSON object.
 """
@@ -236,9 +237,13 @@ def coordinates_by_hand():
 
 
 def check_by_hand(by_hand, fast_coords, args):
-    """The hand-written statistics must be the fast backend's (else the column lies)."""
-    total, grad_sum, sq_norm_sum, sq_sum = by_hand(*args)
-    stats = fast_coords(*args)
+    """The hand-written statistics must be the fast backend's (else the column lies).
+
+    Compared in full float32 products: at JAX's default precision a GPU multiplies in
+    TF32, whose rounding (about 1e-3) differs between two orders of the same sums."""
+    with jax.default_matmul_precision("highest"):
+        total, grad_sum, sq_norm_sum, sq_sum = by_hand(*args)
+        stats = fast_coords(*args)
     for want, got in ((stats.loss_sum, total), (stats.grad_sum, grad_sum),
                       (stats.sq_norm_sum, sq_norm_sum), (stats.sq_sum, sq_sum)):  # fmt: skip
         for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
@@ -336,9 +341,19 @@ def run_backpack(model_names, batch_sizes, rounds, budget_s):
         print(f"BackPACK comparison skipped ({error}).")
         return []
     torch.manual_seed(0)
-    # One thread: on the shared 2-core machine PyTorch's two OpenMP threads spin against
-    # the other jobs and its median time goes up 50x (XLA's pool does not suffer this).
-    torch.set_num_threads(1)
+    # BackPACK runs where JAX runs: on the GPU when JAX's default backend is one and
+    # PyTorch sees it too, else on the CPU.
+    on_gpu = jax.default_backend() == "gpu" and torch.cuda.is_available()
+    device = torch.device("cuda" if on_gpu else "cpu")
+    if on_gpu:
+        # JAX's default float32 precision on recent NVIDIA GPUs is TF32; PyTorch's is full
+        # float32 for products. The same arithmetic on both sides.
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    else:
+        # One thread: on the shared 2-core machine PyTorch's two OpenMP threads spin
+        # against the other jobs and its median time goes up 50x (XLA's pool does not).
+        torch.set_num_threads(1)
+    print(f"BackPACK on {device}", flush=True)
     nets = {
         "mlp": lambda: torch.nn.Sequential(
             torch.nn.Linear(40, 512), torch.nn.ReLU(), torch.nn.Linear(512, 512),
@@ -356,16 +371,18 @@ def run_backpack(model_names, batch_sizes, rounds, budget_s):
     for name, make in nets.items():
         if name not in model_names:
             continue
-        net, loss_fn = extend(make()), extend(torch.nn.CrossEntropyLoss())
+        net, loss_fn = extend(make().to(device)), extend(torch.nn.CrossEntropyLoss())
         for batch_size in batch_sizes:
-            x = torch.randn(batch_size, *shapes[name])
-            y = torch.randint(0, 10, (batch_size,))
+            x = torch.randn(batch_size, *shapes[name], device=device)
+            y = torch.randint(0, 10, (batch_size,), device=device)
 
             def step(*extensions, net=net, loss_fn=loss_fn, x=x, y=y):
                 net.zero_grad()
                 loss = loss_fn(net(x), y)
                 with backpack(*extensions):
                     loss.backward()
+                if on_gpu:
+                    torch.cuda.synchronize()  # as jax.block_until_ready on our side
 
             # Ours right before BackPACK's, for the same model and batch. Not interleaved
             # call by call: XLA's and PyTorch's thread pools spin-wait after a call, and
@@ -416,6 +433,12 @@ def main():
     parser.add_argument("--models", default="mlp,cnn,transformer")
     parser.add_argument("--no-backpack", action="store_true")
     parser.add_argument(
+        "--batch-sizes",
+        type=int,
+        nargs="+",
+        help="batch sizes to measure (default 64 256 1024; with --quick 64 256)",
+    )
+    parser.add_argument(
         "--same-process", action="store_true", help="measure all models in this process"
     )
     parser.add_argument(
@@ -427,6 +450,8 @@ def main():
     )
     parser.add_argument("--json-out", help=argparse.SUPPRESS)  # a child's result
     args = parser.parse_args()
+    if args.batch_sizes and min(args.batch_sizes) < 1:
+        parser.error(f"--batch-sizes {args.batch_sizes}: every batch size must be at least 1")
     if args.repeats < 1:
         parser.error(f"--repeats {args.repeats}: the number of runs must be at least 1")
     if args.repeats > 1 and args.same_process:
@@ -453,7 +478,7 @@ def main():
 
 
 def run_here(models, args):
-    batch_sizes = (64, 256) if args.quick else (64, 256, 1024)
+    batch_sizes = args.batch_sizes or ((64, 256) if args.quick else (64, 256, 1024))
     rounds, budget_s = (7, 2.0) if args.quick else (21, 8.0)
     vmap_max_batch = 256 if args.quick else 1024
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; ratios to plain grad")
@@ -475,6 +500,8 @@ def run_children(models, args):
     """
     rows, backpack_rows = [], []
     flags = ["--quick"] * args.quick + ["--no-backpack"] * args.no_backpack
+    if args.batch_sizes:
+        flags += ["--batch-sizes", *map(str, args.batch_sizes)]
     with tempfile.TemporaryDirectory() as tmp:
         for name in models:
             out = os.path.join(tmp, f"{name}.json")

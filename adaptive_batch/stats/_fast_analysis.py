@@ -133,6 +133,18 @@ def sub_jaxpr(eqn) -> tuple[Any, Sequence[Any]]:
     return body, ()
 
 
+def scan_arity(eqn) -> tuple[int, int]:
+    """(number of constants, number of carries) of a ``scan`` equation; its inputs are
+    the constants, then the carries, then the ``xs``.
+
+    JAX before 0.11 gives the counts as ``num_consts`` and ``num_carry``; from 0.11 on
+    they are the sizes of the first two groups of the ``ft_in`` FlatTree."""
+    if "ft_in" in eqn.params:
+        consts, carry, _ = eqn.params["ft_in"].unpack()
+        return len(consts), len(carry)
+    return eqn.params["num_consts"], eqn.params["num_carry"]
+
+
 def analyze(closed_jaxpr, num_leaves: int) -> Plan:
     """Classify every parameter leaf (the first ``num_leaves`` jaxpr inputs)."""
     uses: dict[int, list] = {i: [] for i in range(num_leaves)}
@@ -174,14 +186,14 @@ def analyze(closed_jaxpr, num_leaves: int) -> Plan:
 
     def scan_body_infos(eqn, infos, path: Path):
         """Views of the scan body's inputs: slices of the leaves among the ``xs``."""
-        first_xs = eqn.params["num_consts"] + eqn.params["num_carry"]
+        num_consts, num_carry = scan_arity(eqn)
         body_invars = sub_jaxpr(eqn)[0].invars
         inner = [None] * len(infos)
         for i, view in enumerate(infos):
             if view is None:
                 continue
-            if i < first_xs:
-                role = "a constant" if i < eqn.params["num_consts"] else "a carry"
+            if i < num_consts + num_carry:
+                role = "a constant" if i < num_consts else "a carry"
                 uses[view.leaf].append(f"{role} of `scan`, shared by its iterations")
             elif view.scan is not None:
                 uses[view.leaf].append("sliced by nested `scan`s")
@@ -197,12 +209,12 @@ def analyze(closed_jaxpr, num_leaves: int) -> Plan:
         """Views of the scan's outputs: a slice passed through unchanged stacks back to
         the leaf (Flax's lifted scans return the layers' state so); anything else that
         leaves the body is a use of its own."""
-        outs = {}
+        outs, (_, num_carry) = {}, scan_arity(eqn)
         for j, view in enumerate(body_outs):
             if view is None:
                 continue
             passed = view.scan is not None and view.scan.path == path and not view.chain
-            if passed and j >= eqn.params["num_carry"]:
+            if passed and j >= num_carry:
                 outs[eqn.outvars[j]] = View(view.leaf, view.scan.outer_chain)
             else:
                 uses[view.leaf].append("returned by a `scan` body")
@@ -325,8 +337,8 @@ def evaluate(plan: Plan, args: Sequence[Any], site_fns: dict[Path, Any], site_xs
     def run_scan(eqn, invals, path: Path, xs_of):
         """The scan re-run with ``lax.scan``, its body by `run`, slicing the sites' xs."""
         body, body_consts = sub_jaxpr(eqn)
-        consts_end = eqn.params["num_consts"]
-        carry_end = consts_end + eqn.params["num_carry"]
+        consts_end, num_carry = scan_arity(eqn)
+        carry_end = consts_end + num_carry
         inner = {p: x for p, x in xs_of.items() if p[: len(path)] == path}
 
         def step(carry, xs):
