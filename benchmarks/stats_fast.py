@@ -20,7 +20,8 @@ temporary memory <= 1.5x plain, MLP at B = 256 at least 20x faster than vmap.
 
 With PyTorch and BackPACK installed (``pip install torch==2.13.0
 backpack-for-pytorch``) the same MLP and CNN are also timed with BackPACK's
-BatchL2Grad (and SumGradSquared for coordinates), reported as our time / BackPACK's.
+BatchL2Grad (and SumGradSquared for coordinates), reported as our time / BackPACK's;
+on the GPU when JAX runs on one and PyTorch sees it (TF32 products on both sides).
 
 Run: ``python benchmarks/stats_fast.py [--quick] [--models mlp,cnn] [--repeats N]
 [--batch-sizes 64 4096]``. With

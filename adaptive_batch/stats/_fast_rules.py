@@ -31,6 +31,7 @@ https://arxiv.org/abs/1912.06015.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -205,9 +206,33 @@ def _dense_outer(a, d, coordinates):
     )
 
 
+def _on_cpu_by_row_blocks(by_row_blocks, whole_batch, *args):
+    """``by_row_blocks(*args)`` when compiled for XLA:CPU, ``whole_batch(*args)`` for
+    any other platform.
+
+    Row blocks keep XLA:CPU from materialising the squares of the whole batch (it does
+    not square inside a product or a reduction). Each block is an iteration of a
+    ``while`` loop, though, and on a GPU the iterations cost more than the squares:
+    measured on an H100 (MLP 40-512-512-10 with coordinates, time / plain gradient's,
+    B = 64 / 256 / 1024): 3.09 / 2.61 / 2.28x by blocks, 1.51 / 1.33 / 1.31x whole;
+    the NNX transformer block at B = 64: 2.66x -> 1.36x. XLA:GPU fuses the squaring
+    into the reduction. The CPU program is unchanged by the switch.
+    """
+    return lax.platform_dependent(*args, cpu=by_row_blocks, default=whole_batch)
+
+
 def _squares_product(spec, a, d):
-    """Σᵢ aᵢ²⊗dᵢ² as (a⊙a)ᵀ(d⊙d), summed over blocks of rows when the squared copies of
-    the whole batch would outgrow the result (XLA cannot square inside the product)."""
+    """Σᵢ aᵢ²⊗dᵢ² as (a⊙a)ᵀ(d⊙d); on XLA:CPU summed over blocks of rows when the squared
+    copies of the whole batch would outgrow the result (`_on_cpu_by_row_blocks`)."""
+    return _on_cpu_by_row_blocks(
+        functools.partial(_squares_product_by_blocks, spec),
+        lambda a, d: jnp.einsum(spec, a * a, d * d),
+        a,
+        d,
+    )
+
+
+def _squares_product_by_blocks(spec, a, d):
     result = jax.eval_shape(lambda a, d: jnp.einsum(spec, a, d), a, d)
     chunk = _row_block(a.shape[0], a[0].size + d[0].size, math.prod(result.shape))
     if chunk == a.shape[0]:
@@ -241,8 +266,12 @@ def _product_of_squares(spec, a, d):
 
 
 def _column_square_sums(x):
-    """Σᵢ xᵢ⊙xᵢ over the rows of x (B, K), by blocks of rows: XLA:CPU materialises the
-    squares of a whole reduction's input."""
+    """Σᵢ xᵢ⊙xᵢ over the rows of x (B, K); on XLA:CPU by blocks of rows, as it
+    materialises the squares of a whole reduction's input (`_on_cpu_by_row_blocks`)."""
+    return _on_cpu_by_row_blocks(_column_square_sums_by_blocks, lambda x: jnp.sum(x * x, 0), x)
+
+
+def _column_square_sums_by_blocks(x):
     chunk = _row_block(x.shape[0], x.shape[1], x.shape[1])
 
     def block(k, total):
