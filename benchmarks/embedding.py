@@ -14,8 +14,10 @@ slice). For each, interleaved in rounds in this one process:
 
 A third model ties the table to the output layer (``nnx.Embed.attend``, logits over the
 vocabulary at every position, next-token targets): the table's statistics then come
-from the ``shared-products`` rule, shown against ``vmap+coords``, exact per-example
-gradients (what the fallback for tied weights held in memory: B tables).
+from the ``tied-lookup`` rule, shown against ``shared``/``shared+coords``, the general
+rule for tied weights (per-example tables a chunk of examples at a time), and
+``vmap+coords``, exact per-example gradients (what the fallback for tied weights held
+in memory: B tables).
 
 Time is the median over rounds of the ratio to ``plain`` in the same round; memory the
 compiled temporary buffers, also as a ratio. Needs ``pip install equinox``.
@@ -40,6 +42,7 @@ from flax import nnx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import plain_and_fast, print_table, ratios_to_plain
 
+import adaptive_batch.stats._fast as fast_module
 import adaptive_batch.stats._fast_rules as fast_rules
 from adaptive_batch.stats import fast_stats_report, per_example_stats
 
@@ -118,14 +121,28 @@ def compile_without_embedding_rule(loss_fn, args):
         fast_rules.is_embedding = recognise
 
 
-def measure(loss_fn, params, batch, with_products: bool, with_vmap: bool, budget_s: float):
+def compile_with_shared_products(loss_fn, args, coordinates: bool):
+    """Fast statistics compiled with the ``tied-lookup`` rule switched off: the tied
+    table goes through the general ``shared-products`` rule."""
+    recognise = fast_module.uses_tied_lookup
+    fast_module.uses_tied_lookup = lambda *_: False
+    try:
+        stats = per_example_stats(loss_fn, backend="fast", coordinates=coordinates)
+        return stats.lower(*args).compile()
+    finally:
+        fast_module.uses_tied_lookup = recognise
+
+
+def measure(loss_fn, params, batch, with_products: bool, tied: bool, budget_s: float):
     args = (params, batch, jnp.ones(batch["y"].shape[0]))
 
     fns = plain_and_fast(loss_fn)
     compiled = {name: fn.lower(*args).compile() for name, fn in fns.items()}
     if with_products:
         compiled["products+coords"] = compile_without_embedding_rule(loss_fn, args)
-    if with_vmap:
+    if tied:
+        compiled["shared"] = compile_with_shared_products(loss_fn, args, coordinates=False)
+        compiled["shared+coords"] = compile_with_shared_products(loss_fn, args, coordinates=True)
         vmap = per_example_stats(loss_fn, backend="vmap", coordinates=True)
         compiled["vmap+coords"] = vmap.lower(*args).compile()
     return ratios_to_plain(compiled, args, budget_s)
@@ -164,7 +181,7 @@ def main():
             params,
             batch,
             with_products=model.startswith("eqx"),
-            with_vmap="tied" in model,
+            tied="tied" in model,
             budget_s=budget,
         )
         rows.append({"model": model, "rule": rule, **row})

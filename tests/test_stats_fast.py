@@ -324,7 +324,7 @@ def test_tied_embeddings_sum_both_sites_without_fallback():
     mask = jnp.array([1, 1, 1, 0, 1, 1, 0, 1])
     batch["x"] = batch["x"].at[3].set(10**6)  # an id far out of range in a padding row
     report = fast_stats_report(tied_loss, params, batch)  # norms only: Gram allowed
-    assert report == {"['embed']": "shared-products", "['w']": "dense-gram"}
+    assert report == {"['embed']": "tied-lookup", "['w']": "dense-gram"}
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a fallback would warn
         for coordinates in (False, True):
@@ -333,9 +333,70 @@ def test_tied_embeddings_sum_both_sites_without_fallback():
             )
 
 
+def tied_per_position(p, b):
+    """Logits over the table at every position (``h @ E.T``, as ``nnx.Embed.attend``)."""
+    h = jnp.tanh(p["embed"][b["x"]] @ p["w"])
+    return optax_xent((h @ p["embed"].T).mean(axis=1), b["y"])
+
+
+def tied_einsum_filled(p, b):
+    """The table untransposed in the contraction, and a lookup that reads zeros for ids
+    outside the table (fill mode) instead of clipping them."""
+    h = jnp.tanh(p["embed"].at[b["x"]].get(mode="fill", fill_value=0) @ p["w"])
+    return optax_xent(jnp.einsum("btd,vd->bv", h, p["embed"]), b["y"])
+
+
+def tied_rows_contracted(p, b):
+    """Weights over the table's rows times the table: its rows are the layer's inputs."""
+    h = jnp.tanh(p["embed"][b["x"]] @ p["w"]).mean(axis=1)
+    return optax_xent(jax.nn.softmax(h @ p["u"]) @ p["embed"], b["y"] % 8)
+
+
+@pytest.mark.parametrize("loss_fn", [tied_per_position, tied_einsum_filled, tied_rows_contracted])
+def test_tied_lookup_cross_terms_through_the_ids(loss_fn):
+    """The ``tied-lookup`` rule's cross terms ⟨Lᵢ, Oᵢ⟩ and ΣLᵢ⊙Oᵢ read the output layer's
+    per-example gradient at the looked-up rows only: each orientation of the table in
+    the layer, repeated ids within an example, and ids outside the table."""
+    params, batch = tied_setup()
+    params["u"] = jax.random.normal(keys(1)[0], (8, 11))
+    batch["x"] = batch["x"].at[0].set(jnp.array([2, 2, 5]))  # a repeated id
+    batch["x"] = batch["x"].at[4].set(jnp.array([1, 10**6, -7]))  # outside the table
+    mask = jnp.array([1, 1, 1, 0, 1, 1, 0, 1])
+    assert fast_stats_report(loss_fn, params, batch)["['embed']"] == "tied-lookup"
+    # With coordinates, an output layer over positions takes per-example products anyway:
+    # the general rule forms them once for both sites.
+    with_coordinates = fast_stats_report(loss_fn, params, batch, coordinates=True)["['embed']"]
+    assert with_coordinates == (
+        "shared-products" if loss_fn is tied_per_position else "tied-lookup"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback would warn
+        for coordinates in (False, True):
+            assert_stats_close(
+                *both_backends(loss_fn, params, batch, mask, coordinates=coordinates)
+            )
+
+
+def test_weight_used_by_two_dense_layers_sums_per_example_products():
+    """Tied weights other than a lookup and one layer (here W applied twice) keep the
+    general ``shared-products`` rule."""
+    params, batch = tied_setup()
+
+    def loss_fn(p, b):
+        h = jnp.tanh(jnp.tanh(p["embed"][b["x"]] @ p["w"]) @ p["w"]).mean(axis=1)
+        return optax_xent(h @ p["embed"].T, b["y"])
+
+    report = fast_stats_report(loss_fn, params, batch)
+    assert report == {"['embed']": "tied-lookup", "['w']": "shared-products"}
+    for coordinates in (False, True):
+        assert_stats_close(*both_backends(loss_fn, params, batch, coordinates=coordinates))
+
+
 def test_tied_embedding_needs_no_per_example_table_per_row():
-    """The fallback held B per-example gradients of the table; the shared rule holds
-    those of one chunk of examples (compiled temporary memory, not timed)."""
+    """The fallback held B per-example gradients of the table (32 tables' worth here),
+    ``shared-products`` those of one chunk of examples (1.6 / 2.5 tables, norms / with
+    coordinates), ``tied-lookup`` none: its temporaries stay below two tables (1.1 /
+    1.6). Compiled temporary memory, not timed."""
     vocab, width, n = 2000, 32, 16
     ks = keys(4)
     params = {
@@ -350,7 +411,7 @@ def test_tied_embedding_needs_no_per_example_table_per_row():
     for coordinates in (False, True):
         stats_fn = per_example_stats(tied_loss, backend="fast", coordinates=coordinates)
         compiled = stats_fn.lower(params, batch, jnp.ones(n)).compile()
-        assert compiled.memory_analysis().temp_size_in_bytes < 4 * table_bytes
+        assert compiled.memory_analysis().temp_size_in_bytes < 2 * table_bytes
 
 
 def test_tied_weight_used_inside_a_scan_falls_back():
@@ -408,6 +469,22 @@ def test_inside_shard_map_sums_per_device_then_psum():
     fast = step(params, jax.device_put(batch, NamedSharding(mesh, PartitionSpec("data"))))
     vmap = per_example_stats(mlp_loss, backend="vmap", coordinates=True)(params, batch)
     assert_stats_close(vmap, fast)
+
+
+def test_tied_lookup_inside_shard_map_and_sharded():
+    """The tied table's cross terms on each device's rows, then summed over devices; and
+    on a batch sharded over 8 devices (one row each) under jit."""
+    params, batch = tied_setup()
+    vmap = per_example_stats(tied_loss, backend="vmap", coordinates=True)(params, batch)
+    stats_fn = per_example_stats(tied_loss, backend="fast", coordinates=True)
+    mesh = jax.make_mesh((4,), ("data",), devices=jax.devices()[:4])
+    sharded = jax.device_put(batch, NamedSharding(mesh, PartitionSpec("data")))
+    assert_stats_close(vmap, summed_over_shard_map(stats_fn, mesh)(params, sharded))
+    # Automatic sharding: with explicit axes, JAX asks the lookup itself for the
+    # sharding of its result (the loss fails before any statistics).
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    sharded = jax.device_put(batch, NamedSharding(mesh, PartitionSpec("data")))
+    assert_stats_close(vmap, jax.jit(stats_fn)(params, sharded))
 
 
 def test_weight_on_the_left_and_heads_as_batch_dims():
@@ -628,9 +705,28 @@ def test_squares_are_summed_by_row_blocks_on_cpu_only():
     assert loops("cuda") == 0
 
 
+@pytest.mark.parametrize("mode", [None, "clip", "fill"])
+def test_embedding_ids_outside_the_table_in_real_rows(mode):
+    """An id outside the table gets the gradient JAX gives it: ``table[ids]``
+    (promise-in-bounds) clamps the lookup but drops the row from the gradient, clip mode
+    gives it to the clipped row, fill mode reads zeros and gives it nothing."""
+    ks = keys(3)
+    params = {"embed": jax.random.normal(ks[0], (11, 8)), "w": jax.random.normal(ks[1], (8, 3))}
+    ids = jax.random.randint(ks[2], (6, 4), 0, 11)
+    ids = ids.at[1].set(jnp.array([3, 11, 10**6, 3])).at[2, 0].set(-40)  # real rows
+
+    def loss_fn(p, b):
+        rows = p["embed"].at[b].get(mode=mode, fill_value=0 if mode == "fill" else None)
+        return jnp.sum(jnp.tanh(rows @ p["w"]) ** 2, axis=(1, 2))
+
+    assert fast_stats_report(loss_fn, params, ids)["['embed']"] == "embedding"
+    for coordinates in (False, True):
+        assert_stats_close(*both_backends(loss_fn, params, ids, coordinates=coordinates))
+
+
 def test_embedding_coordinates_need_no_extra_table():
     """Σgᵢ and Σgᵢ⊙gᵢ of a lookup table are two scatter-adds into zero tables; sharing
-    one zero table made XLA copy it, one more V × D temporary (`_unshared_zeros`)."""
+    one zero table made XLA copy it, one more V × D temporary (`unshared_zeros`)."""
     vocab, width = 4000, 32
     params = {"embed": jax.random.normal(keys(1)[0], (vocab, width)), "w": jnp.ones((width, 3))}
     ids = jax.random.randint(keys(2)[1], (4, 8), 0, vocab)

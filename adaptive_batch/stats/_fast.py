@@ -14,8 +14,10 @@ layers asked for coordinate sums are "tapped" instead (`_fast_tap`): their rule 
 inside the same reverse pass, when it reaches the layer, which keeps the squares of one
 layer alive at a time rather than every layer's a and δ at the end of the pass.
 
-A leaf linear at several sites (tied weights) gets the per-example products of all of
-them, summed example by example (`_fast_shared`); sites inside a ``lax.scan`` or
+A table read by an embedding lookup and by one dense layer (tied embeddings) gets both
+sites' rules plus their cross terms through the looked-up ids (`_fast_tied`); a leaf
+linear at several sites otherwise gets the per-example products of all of them, summed
+example by example (`_fast_shared`); sites inside a ``lax.scan`` or
 ``jax.checkpoint`` body are always tapped. Leaves used any other way (weights shared by
 a loop's iterations, custom derivatives, unusual primitives) fall back to exact
 per-example gradients *in the same pass*: they are fed in broadcast to one copy per
@@ -58,6 +60,8 @@ from adaptive_batch.stats._fast_tap import (
     uses_tap,
     widen,
 )
+from adaptive_batch.stats._fast_tied import RULE as TIED_LOOKUP
+from adaptive_batch.stats._fast_tied import tied_lookup_stats, uses_tied_lookup
 from adaptive_batch.stats._grad_stats import GradStats
 from adaptive_batch.stats._vmap import accumulation_dtype, masked, vmap_sums
 
@@ -84,6 +88,13 @@ def build_plan(loss_fn, params: PyTree, batch: PyTree, *, coordinates: bool) -> 
         path: dataclasses.replace(site, rule=choose_rule(site, batch_size, coordinates))
         for path, site in plan.sites.items()
     }
+    tied = {}
+    for site in plan.sites.values():
+        if site.shared:
+            tied.setdefault(site.view.leaf, []).append(site)
+    for sites in tied.values():
+        if uses_tied_lookup(sites, batch_size, coordinates):
+            plan.sites.update((s.path, dataclasses.replace(s, rule=TIED_LOOKUP)) for s in sites)
     return plan
 
 
@@ -240,7 +251,8 @@ def _shared_leaf_stats(shared: dict, count, avals, coordinates: bool) -> dict:
         leaf_aval = avals[sites[0].path]
 
         def rule(r, d, sites=sites, leaf_aval=leaf_aval):
-            return shared_stats(sites, r, d, leaf_aval=leaf_aval, coordinates=coordinates)
+            stats = tied_lookup_stats if sites[0].rule == TIED_LOOKUP else shared_stats
+            return stats(sites, r, d, leaf_aval=leaf_aval, coordinates=coordinates)
 
         out[sites[0].path] = guarded(rule, site_records, site_deltas, count, leaf_aval, coordinates)
     return out
@@ -303,8 +315,9 @@ def fast_stats_report(loss_fn, params: PyTree, batch: PyTree, *, coordinates: bo
     Returns a dict from the leaf's key path (``jax.tree_util.keystr``) to one of
     ``"dense"`` (one position per example), ``"dense-gram"`` / ``"dense-products"``
     (weights shared over positions), ``"conv"`` / ``"conv-products"``, ``"embedding"``,
-    ``"elementwise"`` (scales, biases), ``"products"``, ``"shared-products"`` (a leaf
-    linear at several sites, such as tied embeddings), ``"unused"``, or
+    ``"elementwise"`` (scales, biases), ``"products"``, ``"tied-lookup"`` (a table
+    read by a lookup and by one dense layer: tied embeddings), ``"shared-products"`` (a
+    leaf linear at several sites otherwise), ``"unused"``, or
     ``"fallback: <reason>"`` (exact per-example gradients for that leaf).
 
     Example:

@@ -65,18 +65,27 @@ def is_embedding(site: Site) -> bool:
     return starts == (0, 1) and indices.shape[-1] == 2 and eqn.params["mode"] != _FILL
 
 
-def embedding_stats(site: Site, indices, delta, coordinates: bool):
-    """(Σgᵢ, Σ‖gᵢ‖², Σgᵢ⊙gᵢ | None) of the table from the site's indices and signals."""
+def lookup_rows(site: Site, indices, delta):
+    """The rows looked up and their signals per example, ``(B, P)`` and ``(B, P, W)``.
+
+    An id outside the table is clipped onto it in the gather's clip mode, whose
+    gradient goes to the clipped row. In the other modes its signal is zeroed: fill mode
+    reads zeros there, and promise-in-bounds (plain ``table[ids]``), whose forward
+    lookup XLA clamps, drops the row from the gradient, as JAX's scatter-add does."""
     vocab, width = site.eqn.invars[0].aval.shape
     batch = indices.shape[0]
     ids = indices[..., 0].reshape(batch, -1)  # the row index leads the index vector
     delta = delta.reshape(batch, -1, width)
+    if site.eqn.params["mode"] != lax.GatherScatterMode.CLIP:
+        delta = jnp.where(((ids >= 0) & (ids < vocab))[..., None], delta, 0)
+    return jnp.clip(ids, 0, vocab - 1), delta
+
+
+def embedding_stats(site: Site, indices, delta, coordinates: bool):
+    """(Σgᵢ, Σ‖gᵢ‖², Σgᵢ⊙gᵢ | None) of the table from the site's indices and signals."""
+    vocab, width = site.eqn.invars[0].aval.shape
+    ids, delta = lookup_rows(site, indices, delta)
     positions = ids.shape[1]
-    if site.eqn.params["mode"] == _FILL:
-        valid = (ids >= 0) & (ids < vocab)
-        delta = jnp.where(valid[..., None], delta, 0)
-    else:  # clip (and promise-in-bounds, which XLA clamps)
-        ids = jnp.clip(ids, 0, vocab - 1)
     # Per example, add each position's signal onto the first position with the same id.
     first = jnp.argmax(ids[:, :, None] == ids[:, None, :], axis=2)
     segments = jax.vmap(lambda d, f: jax.ops.segment_sum(d, f, num_segments=positions))(
@@ -89,12 +98,12 @@ def embedding_stats(site: Site, indices, delta, coordinates: bool):
     sq_sum = None
     if coordinates:
         sq_sum = (
-            _unshared_zeros(table, delta).at[flat_ids].add(squares.reshape(-1, width), mode="drop")
+            unshared_zeros(table, delta).at[flat_ids].add(squares.reshape(-1, width), mode="drop")
         )
     return grad_sum, jnp.sum(squares), sq_sum
 
 
-def _unshared_zeros(shape, like):
+def unshared_zeros(shape, like):
     """Zeros that XLA cannot merge with another zero table of the same shape.
 
     Two scatter-adds into ``jnp.zeros`` of one shape share one constant table after

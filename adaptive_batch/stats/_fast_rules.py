@@ -69,7 +69,7 @@ def site_stats(site: Site, records, delta, *, leaf_aval, coordinates: bool):
     """(Σ gᵢ, Σ ‖gᵢ‖², Σ gᵢ⊙gᵢ | None) of the site's parameter leaf."""
     rule = site.rule
     if rule in ("dense", "dense-gram", "dense-products"):
-        canonical = _dense_canonical(site, records[0], delta)
+        canonical = dense_canonical(site, records[0], delta)
         if rule == "dense":
             out = _dense_outer(*canonical, coordinates)
         elif rule == "dense-gram":
@@ -133,7 +133,7 @@ def chain_transpose(site: Site, leaf_aval, cotangent):
 # ----------------------------------------------------------------------------- dense
 
 
-def _dense_dims(site: Site):
+def dense_dims(site: Site):
     (lc, rc), (lb, rb) = site.eqn.params["dimension_numbers"]
     if site.weight_pos == 1:
         return tuple(lc), tuple(rc), tuple(lb), tuple(rb)
@@ -141,7 +141,7 @@ def _dense_dims(site: Site):
 
 
 def _dense_sizes(site: Site):
-    ac, wc, ab, wb = _dense_dims(site)
+    ac, wc, ab, wb = dense_dims(site)
     a_shape = site.eqn.invars[1 - site.weight_pos].aval.shape
     w_shape = site.eqn.invars[site.weight_pos].aval.shape
     af = [d for d in range(len(a_shape)) if d not in ac and d not in ab]
@@ -150,10 +150,10 @@ def _dense_sizes(site: Site):
     return af, wf, sizes(a_shape, af), sizes(a_shape, ac), sizes(w_shape, wf)
 
 
-def _dense_canonical(site: Site, a, delta):
+def dense_canonical(site: Site, a, delta):
     """Inputs as (B, H, P, K) and signals as (B, H, P, N): H shared batch dims of the
     contraction, P positions, K contracted, N output features."""
-    ac, _, ab, _ = _dense_dims(site)
+    ac, _, ab, _ = dense_dims(site)
     af, wf, positions, k, n = _dense_sizes(site)
     batch, heads = a.shape[0], math.prod(a.shape[1 + d] for d in ab)
     a = jnp.transpose(a, [0] + [1 + d for d in (*ab, *af, *ac)])
@@ -169,7 +169,7 @@ def _dense_canonical(site: Site, a, delta):
 
 def _dense_to_weight(site: Site, x):
     """(H, K, N) back to the layout of the viewed weight."""
-    _, wc, _, wb = _dense_dims(site)
+    _, wc, _, wb = dense_dims(site)
     _, wf, *_ = _dense_sizes(site)
     w_shape = site.eqn.invars[site.weight_pos].aval.shape
     order = (*wb, *wc, *wf)

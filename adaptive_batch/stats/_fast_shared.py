@@ -1,8 +1,9 @@
 """The ``shared-products`` rule: a leaf that enters the loss linearly at several sites.
 
-Tied weights are the common case: a language model's embedding table E is read by the
-lookup of the input tokens and multiplies the last hidden states into the logits. The
-per-example gradient is then the sum over the sites s (see `_fast_analysis`),
+A language model's tied embedding table, read by the lookup of the input tokens and
+multiplying the last hidden states into the logits, has a cheaper rule of its own
+(`_fast_tied`); this one covers the rest (a weight applied twice, say). The per-example
+gradient is the sum over the sites s (see `_fast_analysis`),
 
     gᵢ(E) = Σₛ gᵢˢ(E),   gᵢˢ(E) = Vₛᵀ (∂yₛ/∂Eₛ)ᵀ δᵢˢ,
 
