@@ -668,13 +668,15 @@ def benchmark_mlp(batch_size=256):
     return params, batch, mask, loss_fn
 
 
-def test_tapped_layers_free_their_squares_before_the_next_layer():
+@pytest.mark.parametrize(("batch_size", "bound"), [(256, 1.5), (1024, 1.35)])
+def test_tapped_layers_free_their_squares_before_the_next_layer(batch_size, bound):
     """With coordinates, each dense layer's squares are made and freed while the reverse
     pass is at that layer (`waiting_cotangents`), so the compiled temporary memory stays
-    within the issue's 1.5x of a plain gradient's (1.31x here; 1.56x when the statistics
-    of every layer waited for the end of the pass, and 1.56x with the XLA:CPU of JAX
-    0.11.2, where this test fails: see the README's status)."""
-    params, batch, mask, loss_fn = benchmark_mlp()
+    within the issue's 1.5x of a plain gradient's: 1.31x at B = 256 (1.56x when the
+    statistics of every layer waited for the end of the pass, and 1.56x with the XLA:CPU
+    of JAX 0.11.2, where this case fails: see the README's status); 1.28x at B = 1024
+    (1.40x when the zero cotangent depended on one entry of each squared sum)."""
+    params, batch, mask, loss_fn = benchmark_mlp(batch_size)
 
     def mean_loss(params, batch, mask):
         return jnp.sum(jnp.where(mask, loss_fn(params, batch), 0)) / jnp.sum(mask)
@@ -684,7 +686,7 @@ def test_tapped_layers_free_their_squares_before_the_next_layer():
 
     plain = temporary_bytes(jax.jit(jax.value_and_grad(mean_loss)))
     stats = temporary_bytes(per_example_stats(loss_fn, backend="fast", coordinates=True))
-    assert stats <= 1.5 * plain, stats / plain
+    assert stats <= bound * plain, stats / plain
 
 
 def test_squares_are_summed_by_row_blocks_on_cpu_only():
