@@ -61,9 +61,13 @@ def test_targets_are_judged_on_the_medians(bench):
 
 @pytest.mark.parametrize(
     "argv, message",
-    [(["--repeats", "0"], "--repeats 0"), (["--repeats", "2", "--same-process"], "same-process")],
+    [
+        (["--repeats", "0"], "--repeats 0"),
+        (["--repeats", "2", "--same-process"], "same-process"),
+        (["--batch-sizes", "64", "0"], "--batch-sizes [64, 0]"),
+    ],
 )
-def test_bad_repeats_are_refused_with_the_value(bench, monkeypatch, capsys, argv, message):
+def test_bad_arguments_are_refused_with_the_value(bench, monkeypatch, capsys, argv, message):
     monkeypatch.setattr(sys, "argv", ["stats_fast.py", *argv])
     with pytest.raises(SystemExit):
         bench.main()

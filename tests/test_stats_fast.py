@@ -377,6 +377,57 @@ def test_tied_lookup_cross_terms_through_the_ids(loss_fn):
             )
 
 
+class TiedLinenLM(linen.Module):
+    """A Linen language model with tied embeddings: ``nn.Embed`` and ``Embed.attend``."""
+
+    @linen.compact
+    def __call__(self, ids):
+        embed = linen.Embed(13, 8)
+        h = linen.LayerNorm()(jnp.tanh(linen.Dense(8)(embed(ids))))
+        return embed.attend(h)  # logits at every position
+
+
+class TiedNnxLM(nnx.Module):
+    def __init__(self, rngs):
+        self.embed = nnx.Embed(13, 8, rngs=rngs)
+        self.mix = nnx.Linear(8, 8, rngs=rngs)
+
+    def __call__(self, ids):
+        return self.embed.attend(jnp.tanh(self.mix(self.embed(ids))))
+
+
+@pytest.mark.parametrize("framework", ["linen", "nnx"])
+def test_tied_lookup_on_flax_language_models(framework):
+    """Next-token losses of Flax models whose table is read by the lookup and by
+    ``attend``: no fallback, equal to vmap; with coordinates the logits at every
+    position take ``shared-products``."""
+    ids = jax.random.randint(keys(1)[0], (6, 5), 0, 13)
+    if framework == "linen":
+        model = TiedLinenLM()
+        params = model.init(jax.random.key(0), ids)
+
+        def logits_of(p, x):
+            return model.apply(p, x)
+    else:
+        graphdef, params, rest = nnx.split(TiedNnxLM(nnx.Rngs(0)), nnx.Param, ...)
+
+        def logits_of(p, x):
+            return nnx.merge(graphdef, p, rest)(x)
+
+    def loss_fn(p, b):
+        logits = logits_of(p, b[:, :-1])
+        return jnp.mean(jax.vmap(optax_xent)(logits, b[:, 1:]), axis=1)
+
+    for coordinates, rule in ((False, "tied-lookup"), (True, "shared-products")):
+        report = fast_stats_report(loss_fn, params, ids, coordinates=coordinates)
+        assert [r for path, r in report.items() if "embed" in path] == [rule]
+    mask = jnp.array([1, 1, 0, 1, 1, 1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback would warn
+        for coordinates in (False, True):
+            assert_stats_close(*both_backends(loss_fn, params, ids, mask, coordinates=coordinates))
+
+
 def test_weight_used_by_two_dense_layers_sums_per_example_products():
     """Tied weights other than a lookup and one layer (here W applied twice) keep the
     general ``shared-products`` rule."""
