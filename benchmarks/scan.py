@@ -1,13 +1,16 @@
 """Fast statistics of layers stacked and run by ``lax.scan``, against a plain gradient.
 
-Three models, each measured at a few batch sizes:
+Four models, each measured at a few batch sizes:
 
 * ``scan MLP``: 40 → 512, then L = 4 layers 512 → 512 (dense, bias, tanh) stacked along
   a leading axis and run by ``lax.scan``, then 512 → 10;
 * ``unrolled MLP``: the same layers as separate leaves in a Python loop (the reference:
   what the scanned layers should cost);
 * ``nnx.scan transformer``: L = 4 Flax NNX layers (self-attention, LayerNorm, MLP),
-  T = 32, D = 64, created with ``nnx.vmap`` and run by ``nnx.scan`` under ``nnx.remat``.
+  T = 32, D = 64, created with ``nnx.vmap`` and run by ``nnx.scan`` under ``nnx.remat``;
+* ``RNN``: an Elman RNN, 32 inputs → 256 hidden units over T = 16 steps, then 10
+  classes; its weights are constants of the loop, read whole by every step (rule
+  ``scan-constant``, which fell back to per-example gradients before).
 
 For each, interleaved in rounds in this one process: ``plain`` (``jax.value_and_grad``
 of the masked mean loss, the unit), ``fast`` and ``fast+coords``
@@ -127,6 +130,30 @@ def transformer_setup():
     return loss_fn, params
 
 
+STEPS, RNN_INPUTS = 16, 32
+
+
+def rnn_params(width):
+    ks = jax.random.split(jax.random.key(1), 3)
+    return {
+        "wx": jax.random.normal(ks[0], (RNN_INPUTS, width)) / np.sqrt(RNN_INPUTS),
+        "wh": jax.random.normal(ks[1], (width, width)) / np.sqrt(width),
+        "b": jnp.zeros(width),
+        "head": jax.random.normal(ks[2], (width, 10)) / np.sqrt(width),
+    }
+
+
+def rnn_loss(params, batch):
+    """An Elman RNN over T = 16 steps: wx, wh and b are constants of the loop."""
+
+    def step(h, x_t):
+        return jnp.tanh(x_t @ params["wx"] + h @ params["wh"] + params["b"]), None
+
+    h0 = jnp.zeros((batch["x"].shape[0], params["wh"].shape[0]))
+    h, _ = jax.lax.scan(step, h0, jnp.swapaxes(batch["x"], 0, 1))
+    return optax.softmax_cross_entropy_with_integer_labels(h @ params["head"], batch["y"])
+
+
 def measure(loss_fn, params, batch, budget_s: float):
     args = (params, batch, jnp.ones(batch["y"].shape[0]))
 
@@ -157,6 +184,7 @@ def main():
         ("scan MLP", scan_mlp_loss, params, "x"),
         ("unrolled MLP", unrolled_mlp_loss, unrolled(params), "x"),
         ("nnx.scan transformer", transformer_loss, transformer_params, "ids"),
+        (f"RNN {width // 2}, T = {STEPS}", rnn_loss, rnn_params(width // 2), "seq"),
     ]
     rows = []
     for batch_size in batch_sizes:
@@ -164,6 +192,7 @@ def main():
         inputs = {
             "x": jax.random.normal(key_x, (batch_size, 40)),
             "ids": jax.random.randint(key_x, (batch_size, 32), 0, 256),
+            "seq": jax.random.normal(key_x, (batch_size, STEPS, RNN_INPUTS)),
         }
         for model, loss_fn, model_params, input_name in models:
             batch = {"x": inputs[input_name], "y": jax.random.randint(key_y, (batch_size,), 0, 10)}

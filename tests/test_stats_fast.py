@@ -611,15 +611,19 @@ def test_nnx_layers_have_rules_and_match_vmap(name):
     assert_layer_matches_vmap_without_fallback(loss_fn, params, shape)
 
 
-def test_params_shared_by_scan_iterations_fall_back_and_auto_uses_vmap():
+def test_params_carried_by_scan_iterations_fall_back_and_auto_uses_vmap():
     params = {"w": jax.random.normal(keys(1)[0], (4, 4)) / 2}
     batch = jax.random.normal(keys(2)[1], (6, 4))
 
     def loss_fn(p, x):
-        h, _ = lax.scan(lambda h, _: (jnp.tanh(h @ p["w"]), None), x, None, length=3)
+        def step(carry, _):
+            h, w = carry
+            return (jnp.tanh(h @ w), 0.9 * w), None
+
+        (h, _), _ = lax.scan(step, (x, p["w"]), None, length=3)
         return jnp.sum(h**2, axis=-1)
 
-    reason = "a constant of `scan`, shared by its iterations"
+    reason = "a carry of `scan`, shared by its iterations"
     assert fast_stats_report(loss_fn, params, batch) == {"['w']": f"fallback: {reason}"}
     vmap = per_example_stats(loss_fn, backend="vmap", coordinates=True)(params, batch)
     fast_module._WARNED.clear()

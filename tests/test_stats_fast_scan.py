@@ -2,8 +2,10 @@
 
 A leaf that a scan slices (stacked layers: Flax ``nn.scan``, ``nnx.scan``, a loop written
 with ``lax.scan``) gets the layer rules slice by slice; a leaf that every iteration reads
-whole (a recurrent weight) falls back to exact per-example gradients. Every model is
-checked field by field against ``backend="vmap"``, as in test_stats_fast.py.
+whole as a constant of the loop (a recurrent weight) sums every step's share
+(``scan-constant``); a weight carried through the loop falls back to exact per-example
+gradients. Every model is checked field by field against ``backend="vmap"``, as in
+test_stats_fast.py.
 """
 
 from __future__ import annotations
@@ -66,20 +68,6 @@ def assert_fast_without_fallback(loss_fn, params, batch, mask=None, **kwargs):
     report = fast_stats_report(loss_fn, params, batch, coordinates=True)
     assert not [path for path, rule in report.items() if rule.startswith("fallback")], report
     return report
-
-
-@pytest.mark.parametrize("reverse", [False, True])
-def test_stacked_layers_in_scan_masked_nan_padding_and_microbatches(reverse):
-    params, batch = stacked_params(), batch_of(10)
-    batch["x"] = batch["x"].at[3].set(jnp.nan)
-    mask = jnp.ones(10).at[3].set(0)
-    report = assert_fast_without_fallback(stacked_loss(reverse), params, batch, mask)
-    assert report == {
-        "['head']": "dense",
-        "['layers']['b']": "elementwise",
-        "['layers']['w']": "dense",
-    }
-    assert_fast_without_fallback(stacked_loss(reverse), params, batch, mask, microbatch_size=4)
 
 
 def test_stacked_layers_seen_through_a_transpose_before_the_scan():
@@ -240,21 +228,150 @@ def test_checkpointed_scan_body_is_still_rematerialised():
     assert temp_bytes(loss_with(True)) < temp_bytes(loss_with(False)) - saved // 2
 
 
-def test_weights_shared_by_the_iterations_fall_back_with_a_reason():
-    params = {"w": jax.random.normal(keys(1)[0], (WIDTH, WIDTH)) / 2, "h0": jnp.zeros(WIDTH)}
-    batch = jax.random.normal(keys(2)[1], (6, 4, WIDTH))
+def rnn_params(width=WIDTH, inputs=4):
+    ks = keys(4)
+    return {
+        "wx": jax.random.normal(ks[0], (inputs, width)) / 2,
+        "wh": jax.random.normal(ks[1], (width, width)) / np.sqrt(width),
+        "b": 0.1 * jax.random.normal(ks[2], (width,)),
+        "head": jax.random.normal(ks[3], (width, 3)),
+    }
 
-    def loss_fn(p, x):  # a recurrent layer: the same w on every step
+
+def rnn_loss(reverse=False):
+    """An Elman RNN: wx, wh and b are constants of the loop, read by every step."""
+
+    def loss_fn(p, batch):
         def step(h, x_t):
-            h = jnp.tanh(h @ p["w"] + x_t)
+            h = jnp.tanh(x_t @ p["wx"] + h @ p["wh"] + p["b"])
             return h, None
 
-        h0 = jnp.broadcast_to(p["h0"], (x.shape[0], WIDTH))
-        h, _ = lax.scan(step, h0, jnp.swapaxes(x, 0, 1))
+        # Zeros typed like the batch, so that inside shard_map they vary as h will.
+        h0 = jnp.zeros_like(batch["x"][:, 0, :1]) * jnp.zeros(p["wh"].shape[0])
+        h, _ = lax.scan(step, h0, jnp.swapaxes(batch["x"], 0, 1), reverse=reverse)
+        logits = h @ p["head"]
+        return (
+            jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, batch["y"][:, None], 1)[:, 0]
+        )
+
+    return loss_fn
+
+
+def rnn_batch(n, steps=5, inputs=4):
+    k1, k2 = keys(2)
+    return {
+        "x": jax.random.normal(k1, (n, steps, inputs)),
+        "y": jax.random.randint(k2, (n,), 0, 3),
+    }
+
+
+SCAN_CASES = {  # params, loss, batch, the report's rules, a micro-batch size
+    # Stacked layers, sliced by the scan: the layer rules slice by slice.
+    "stacked": (
+        stacked_params,
+        stacked_loss,
+        batch_of,
+        {"['head']": "dense", "['layers']['b']": "elementwise", "['layers']['w']": "dense"},
+        4,
+    ),
+    # Recurrent weights, read whole by every step: gᵢ = Σₜ gᵢᵗ from every step's inputs
+    # and signals (rule ``scan-constant``).
+    "recurrent": (
+        rnn_params,
+        rnn_loss,
+        rnn_batch,
+        {
+            "['b']": "scan-constant",
+            "['head']": "dense",
+            "['wh']": "scan-constant",
+            "['wx']": "scan-constant",
+        },
+        5,
+    ),
+}
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("case", list(SCAN_CASES))
+def test_scan_rules_with_masked_nan_padding_and_microbatches(case, reverse):
+    make_params, make_loss, make_batch, rules, microbatch = SCAN_CASES[case]
+    params, batch = make_params(), make_batch(10)
+    batch["x"] = batch["x"].at[3].set(jnp.nan)
+    mask = jnp.ones(10).at[3].set(0)
+    report = assert_fast_without_fallback(make_loss(reverse), params, batch, mask)
+    assert report == rules
+    assert_fast_without_fallback(
+        make_loss(reverse), params, batch, mask, microbatch_size=microbatch
+    )
+
+
+def test_recurrent_weights_on_an_all_padding_batch_and_sharded():
+    params, batch = rnn_params(), rnn_batch(8)
+    assert_fast_without_fallback(rnn_loss(), params, batch, jnp.zeros(8))
+    stats_fn = per_example_stats(rnn_loss(), backend="fast", coordinates=True)
+    vmap = per_example_stats(rnn_loss(), backend="vmap", coordinates=True)(params, batch)
+    mesh = jax.make_mesh((8,), ("data",))
+    sharded = jax.device_put(batch, NamedSharding(mesh, PartitionSpec("data")))
+    assert_stats_close(vmap, stats_fn(params, sharded))
+    mesh = jax.make_mesh((4,), ("data",), devices=jax.devices()[:4])
+    sharded = jax.device_put(batch, NamedSharding(mesh, PartitionSpec("data")))
+    assert_stats_close(vmap, summed_over_shard_map(stats_fn, mesh)(params, sharded))
+
+
+class LinenLSTM(linen.Module):
+    @linen.compact
+    def __call__(self, x):
+        return linen.Dense(3)(linen.RNN(linen.LSTMCell(7))(x)[:, -1])
+
+
+def test_linen_lstm_has_no_fallback():
+    """``nn.RNN`` passes its cell's parameters to the loop as constants."""
+    batch = rnn_batch(6)
+    model = LinenLSTM()
+    params = model.init(jax.random.key(0), batch["x"])
+
+    def loss_fn(p, b):
+        logits = model.apply(p, b["x"])
+        return jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, b["y"][:, None], 1)[:, 0]
+
+    report = assert_fast_without_fallback(loss_fn, params, batch, jnp.ones(6).at[2].set(0))
+    assert {r for path, r in report.items() if "LSTMCell" in path} == {"scan-constant"}
+
+
+def test_recurrent_weights_use_less_memory_than_per_example_gradients():
+    """The steps' inputs and signals (T·B·(K + N)) instead of B per-example gradients of
+    a 256 × 256 recurrent weight (compiled temporary memory, not timed)."""
+    width, n = 256, 64
+    params, batch = rnn_params(width, inputs=8), rnn_batch(n, steps=8, inputs=8)
+    stats_fn = per_example_stats(rnn_loss(), backend="fast", coordinates=True)
+    temp = stats_fn.lower(params, batch, jnp.ones(n)).compile().memory_analysis().temp_size_in_bytes
+    assert temp < n * width * width * 4 / 4  # a quarter of the per-example gradients of wh
+
+
+def test_weights_the_rule_cannot_take_fall_back_with_a_reason():
+    """A weight carried through the loop and changed by it, and a table looked up inside
+    it (its integer ids cannot leave the loop as a cotangent), fall back, exactly. (A
+    carry returned unchanged is moved to the constants by ``lax.scan`` itself.)"""
+    ks = keys(3)
+    params = {
+        "w": jax.random.normal(ks[0], (WIDTH, WIDTH)) / 2,
+        "table": jax.random.normal(ks[1], (11, WIDTH)),
+    }
+    batch = {"ids": jax.random.randint(ks[2], (6, 4), 0, 11)}
+
+    def loss_fn(p, b):
+        def step(carry, ids_t):
+            h, w = carry
+            return (jnp.tanh(h @ w + p["table"][ids_t]), jnp.tanh(w)), None
+
+        h0 = jnp.zeros((b["ids"].shape[0], WIDTH))
+        (h, _), _ = lax.scan(step, (h0, p["w"]), jnp.swapaxes(b["ids"], 0, 1))
         return jnp.sum(h**2, axis=-1)
 
-    report = fast_stats_report(loss_fn, params, batch)
-    assert report["['w']"] == "fallback: a constant of `scan`, shared by its iterations"
+    assert fast_stats_report(loss_fn, params, batch) == {
+        "['table']": "fallback: a constant of `scan` read by `gather` of integer operands",
+        "['w']": "fallback: a carry of `scan`, shared by its iterations",
+    }
     fast_module._WARNED.clear()
     with pytest.warns(UserWarning, match="shared by its iterations"):
         vmap, fast = both_backends(loss_fn, params, batch, coordinates=True)

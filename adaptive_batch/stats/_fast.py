@@ -18,8 +18,10 @@ A table read by an embedding lookup and by one dense layer (tied embeddings) get
 sites' rules plus their cross terms through the looked-up ids (`_fast_tied`); a leaf
 linear at several sites otherwise gets the per-example products of all of them, summed
 example by example (`_fast_shared`); sites inside a ``lax.scan`` or
-``jax.checkpoint`` body are always tapped. Leaves used any other way (weights shared by
-a loop's iterations, custom derivatives, unusual primitives) fall back to exact
+``jax.checkpoint`` body are always tapped, and a weight that every iteration of a scan
+reads whole passes its site's inputs and signals out of the loop (`_fast_scan_constant`).
+Leaves used any other way (weights carried through a loop, custom derivatives, unusual
+primitives) fall back to exact
 per-example gradients *in the same pass*: they are fed in broadcast to one copy per
 example, and the reverse pass returns the per-example gradients of those leaves only.
 `fast_stats_report` tells which leaf uses which rule.
@@ -51,6 +53,8 @@ from adaptive_batch.stats._fast_analysis import (
     vary_like,
 )
 from adaptive_batch.stats._fast_rules import choose_rule
+from adaptive_batch.stats._fast_scan_constant import RULE as SCAN_CONSTANT
+from adaptive_batch.stats._fast_scan_constant import scan_constant_stats
 from adaptive_batch.stats._fast_shared import shared_stats
 from adaptive_batch.stats._fast_tap import (
     guarded,
@@ -195,10 +199,16 @@ def _sums(plan: Plan, coordinates: bool, params, batch, mask):
         masked_total, zeros, accumulators, copies, has_aux=True
     )
     deltas, tap_stats, copy_grads = backward(jnp.ones_like(total))
-    site_stats = {
-        p: _unstack_scan(plan.sites[p], jax.typeof(leaves[plan.sites[p].view.leaf]), stats)
-        for p, stats in zip(tapped, tap_stats, strict=True)
-    }
+    site_stats = {}
+    for p, stats in zip(tapped, tap_stats, strict=True):
+        site = plan.sites[p]
+        if site.rule == SCAN_CONSTANT:  # every iteration's operands and δ, stacked
+
+            def rule(r, d, site=site, p=p):
+                return scan_constant_stats(site, r, d, leaf_aval=avals[p], coordinates=coordinates)
+
+            stats = guarded(rule, *stats, count, avals[p], coordinates)
+        site_stats[p] = _unstack_scan(site, jax.typeof(leaves[site.view.leaf]), stats)
     shared = {}  # leaf -> its sites, records and δ (tied weights, `_fast_shared`)
     for path, site_records, delta in zip(perturbed, records, deltas, strict=True):
         site = plan.sites[path]
@@ -315,7 +325,8 @@ def fast_stats_report(loss_fn, params: PyTree, batch: PyTree, *, coordinates: bo
     Returns a dict from the leaf's key path (``jax.tree_util.keystr``) to one of
     ``"dense"`` (one position per example), ``"dense-gram"`` / ``"dense-products"``
     (weights shared over positions), ``"conv"`` / ``"conv-products"``, ``"embedding"``,
-    ``"elementwise"`` (scales, biases), ``"products"``, ``"tied-lookup"`` (a table
+    ``"elementwise"`` (scales, biases), ``"products"``, ``"scan-constant"`` (a weight
+    that every iteration of a ``lax.scan`` reads whole: RNNs), ``"tied-lookup"`` (a table
     read by a lookup and by one dense layer: tied embeddings), ``"shared-products"`` (a
     leaf linear at several sites otherwise), ``"unused"``, or
     ``"fallback: <reason>"`` (exact per-example gradients for that leaf).

@@ -20,8 +20,10 @@ Layers stacked along a leading axis and run by ``lax.scan`` (Flax ``nn.scan``,
     gᵢ(W)[t] = gᵢ(Wₜ),   Σᵢ‖gᵢ(W)‖² = Σₜ Σᵢ‖gᵢ(Wₜ)‖²,
 
 and the statistics of W are those of each slice, stacked (`ScanSlice`). A leaf that every
-iteration reads whole (a scan constant or carry) is one weight shared over the
-iterations, like a weight shared over positions, and falls back.
+iteration reads whole as a scan constant (a recurrent weight) is one weight shared over
+the iterations, like a weight shared over positions: gᵢ(W) = Σₜ gᵢᵗ(W), whose site is
+tapped for its inputs and signals at every iteration (`ScanSlice.shared`, rule
+``scan-constant``). A leaf in a scan's carry falls back.
 
 ``jit`` / ``closed_call`` / ``core_call`` / ``checkpoint`` sub-jaxprs that receive a
 parameter are inlined, because Flax layers and ``jax.numpy`` functions (``jnp.take``)
@@ -72,12 +74,15 @@ LINEAR_POSITIONS = {
 @dataclasses.dataclass(frozen=True)
 class ScanSlice:
     """How a leaf reaches the body of the ``lax.scan`` at ``path``: through the views
-    ``outer_chain``, then sliced along the leading axis (``length`` slices of ``aval``)."""
+    ``outer_chain``, then sliced along the leading axis (``length`` slices of ``aval``);
+    or, when ``shared``, whole (``aval``) at each of the ``length`` iterations, as a
+    constant of the scan."""
 
     path: Path
     outer_chain: tuple[Any, ...]
     length: int
     aval: Any
+    shared: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,18 +190,25 @@ def analyze(closed_jaxpr, num_leaves: int) -> Plan:
         return outs
 
     def scan_body_infos(eqn, infos, path: Path):
-        """Views of the scan body's inputs: slices of the leaves among the ``xs``."""
+        """Views of the scan body's inputs: slices of the leaves among the ``xs``, and
+        the leaves among its constants."""
         num_consts, num_carry = scan_arity(eqn)
         body_invars = sub_jaxpr(eqn)[0].invars
         inner = [None] * len(infos)
         for i, view in enumerate(infos):
             if view is None:
                 continue
-            if i < num_consts + num_carry:
+            is_xs = i >= num_consts + num_carry
+            if view.scan is not None:
+                how = "sliced" if is_xs else "read"
+                uses[view.leaf].append(f"{how} by nested `scan`s")
+            elif i < num_consts and view.bijective:
+                # Read whole by every iteration: tapped there (rule "scan-constant").
+                where = ScanSlice(path, view.chain, eqn.params["length"], body_invars[i].aval)
+                inner[i] = View(view.leaf, (), dataclasses.replace(where, shared=True))
+            elif not is_xs:
                 role = "a constant" if i < num_consts else "a carry"
                 uses[view.leaf].append(f"{role} of `scan`, shared by its iterations")
-            elif view.scan is not None:
-                uses[view.leaf].append("sliced by nested `scan`s")
             elif not view.bijective:
                 uses[view.leaf].append("broadcast before `scan` slices it")
             else:
@@ -213,7 +225,12 @@ def analyze(closed_jaxpr, num_leaves: int) -> Plan:
         for j, view in enumerate(body_outs):
             if view is None:
                 continue
-            passed = view.scan is not None and view.scan.path == path and not view.chain
+            passed = (
+                view.scan is not None
+                and view.scan.path == path
+                and not view.scan.shared
+                and not view.chain
+            )
             if passed and j >= num_carry:
                 outs[eqn.outvars[j]] = View(view.leaf, view.scan.outer_chain)
             else:
@@ -229,7 +246,13 @@ def analyze(closed_jaxpr, num_leaves: int) -> Plan:
         if not leaf_uses:
             unused.add(leaf)
         elif len(leaf_uses) == 1 and isinstance(leaf_uses[0], Site):
-            sites[leaf_uses[0].path] = leaf_uses[0]
+            site = leaf_uses[0]
+            if site.view.scan and site.view.scan.shared and not _inexact_operands(site):
+                # Its operands leave the loop as an accumulator's cotangents: floats only.
+                name = site.eqn.primitive.name
+                fallback[leaf] = f"a constant of `scan` read by `{name}` of integer operands"
+            else:
+                sites[site.path] = site
         elif all(isinstance(u, Site) and not u.nested and not u.view.scan for u in leaf_uses):
             # Linear at every use (tied embeddings): per-example products of all of them,
             # summed example by example after the pass (`_fast_shared`).
@@ -242,6 +265,14 @@ def analyze(closed_jaxpr, num_leaves: int) -> Plan:
                 fallback[leaf] = reasons[0]
     scans = frozenset(site.view.scan.path for site in sites.values() if site.view.scan)
     return Plan(closed_jaxpr, num_leaves, sites, fallback, frozenset(unused), scans)
+
+
+def _inexact_operands(site: Site) -> bool:
+    return all(
+        jnp.issubdtype(v.aval.dtype, jnp.inexact)
+        for i, v in enumerate(site.eqn.invars)
+        if i != site.weight_pos
+    )
 
 
 def transpose_views(chain, leaf_aval, cotangent):
@@ -346,9 +377,14 @@ def evaluate(plan: Plan, args: Sequence[Any], site_fns: dict[Path, Any], site_xs
             outs = run(body, body_consts, [*invals[:consts_end], *carry, *values], path, inner_xs)
             return outs[: len(carry)], outs[len(carry) :]
 
+        # Inside shard_map the body's outputs vary over the batch's device axes. An
+        # initial carry that the traced jaxpr builds from constants (zeros, say, which
+        # the user's zeros_like(x) became) would not, and lax.scan refuses the mismatch.
+        axes = set().union(*(_varying_axes(v) for v in jax.tree.leaves((invals, inner))))
+        init = [_vary(c, axes) if axes else c for c in invals[consts_end:carry_end]]
         carry, ys = jax.lax.scan(
             step,
-            invals[consts_end:carry_end],
+            init,
             (invals[carry_end:], inner),
             length=eqn.params["length"],
             reverse=eqn.params["reverse"],

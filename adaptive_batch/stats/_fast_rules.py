@@ -49,13 +49,11 @@ def choose_rule(site: Site, batch_size: int, coordinates: bool) -> str:
     name = site.eqn.primitive.name
     if site.shared:
         return "shared-products"
+    if site.view.scan is not None and site.view.scan.shared:
+        return "scan-constant"  # `_fast_scan_constant`
     if name == "dot_general" and site.view.bijective:
         _, _, positions, k, n = _dense_sizes(site)
-        if positions == 1:
-            return "dense"
-        if not coordinates and positions * (k + n) < k * n:
-            return "dense-gram"
-        return "dense-products"
+        return dense_rule(positions, k, n, coordinates)
     if name == "gather" and is_embedding(site):
         return "embedding"
     if name == "conv_general_dilated":
@@ -69,25 +67,7 @@ def site_stats(site: Site, records, delta, *, leaf_aval, coordinates: bool):
     """(Σ gᵢ, Σ ‖gᵢ‖², Σ gᵢ⊙gᵢ | None) of the site's parameter leaf."""
     rule = site.rule
     if rule in ("dense", "dense-gram", "dense-products"):
-        canonical = dense_canonical(site, records[0], delta)
-        if rule == "dense":
-            out = _dense_outer(*canonical, coordinates)
-        elif rule == "dense-gram":
-            out = _dense_gram(*canonical)
-        else:
-            a, d = canonical
-            # A chunk's per-example gradients may take twice the layer's inputs and
-            # signals. Measured on XLA:CPU (NNX transformer block with coordinates, each
-            # in a fresh process, time / temporary memory of a plain gradient at B = 64
-            # / 256 / 1024): once their size, 1.84 / 1.25 / 1.23x and 1.16 / 1.17 /
-            # 1.17x; twice, 1.26 / 1.19 / 1.22x and 1.28 / 1.20 / 1.19x. Once, B = 64
-            # ran in two chunks, and glibc mapped their buffers fresh from the OS on every
-            # call (with MALLOC_MMAP_THRESHOLD_=4294967296 it was 1.3x).
-            budget = 2 * max(a.size + d.size, a.shape[2] * d.shape[2])
-            out = chunked_sums(
-                lambda a, d: _grouped_products("bhpk,bhpn->bhkn", a, d), (a, d), budget, coordinates
-            )
-        out = tuple(_dense_to_weight(site, x) if x is not None and x.ndim else x for x in out)
+        out = dense_stats(site, rule, *dense_canonical(site, records[0], delta), coordinates)
     elif rule == "conv":
         unfold, to_weight, patch_size = conv_unfold(site)
         a = records[0]
@@ -109,6 +89,37 @@ def site_stats(site: Site, records, delta, *, leaf_aval, coordinates: bool):
     if sq_sum is not None:  # the rules above need a bijective view: squares follow entries
         sq_sum = chain_transpose(site, leaf_aval, sq_sum)
     return grad_sum, sq_norm, sq_sum
+
+
+def dense_stats(site: Site, rule: str, a, d, coordinates: bool):
+    """A dense site's statistics in the layout of its viewed weight, from its inputs
+    (B, H, P, K) and signals (B, H, P, N) (`dense_canonical`) by ``rule``."""
+    if rule == "dense":
+        out = _dense_outer(a, d, coordinates)
+    elif rule == "dense-gram":
+        out = _dense_gram(a, d)
+    else:
+        # A chunk's per-example gradients may take twice the layer's inputs and
+        # signals. Measured on XLA:CPU (NNX transformer block with coordinates, each
+        # in a fresh process, time / temporary memory of a plain gradient at B = 64
+        # / 256 / 1024): once their size, 1.84 / 1.25 / 1.23x and 1.16 / 1.17 /
+        # 1.17x; twice, 1.26 / 1.19 / 1.22x and 1.28 / 1.20 / 1.19x. Once, B = 64
+        # ran in two chunks, and glibc mapped their buffers fresh from the OS on every
+        # call (with MALLOC_MMAP_THRESHOLD_=4294967296 it was 1.3x).
+        budget = 2 * max(a.size + d.size, a.shape[2] * d.shape[2])
+        out = chunked_sums(
+            lambda a, d: _grouped_products("bhpk,bhpn->bhkn", a, d), (a, d), budget, coordinates
+        )
+    return tuple(_dense_to_weight(site, x) if x is not None and x.ndim else x for x in out)
+
+
+def dense_rule(positions: int, k: int, n: int, coordinates: bool) -> str:
+    """The dense rule for P positions sharing a K × N weight (see `choose_rule`)."""
+    if positions == 1:
+        return "dense"
+    if not coordinates and positions * (k + n) < k * n:
+        return "dense-gram"
+    return "dense-products"
 
 
 def _grouped_products(spec: str, x, y):

@@ -35,6 +35,7 @@ from jax.custom_batching import custom_vmap
 
 from adaptive_batch.stats._fast_analysis import Site
 from adaptive_batch.stats._fast_rules import site_stats
+from adaptive_batch.stats._fast_scan_constant import RULE as SCAN_CONSTANT
 from adaptive_batch.stats._vmap import accumulation_dtype
 
 
@@ -76,6 +77,8 @@ def stats_shapes(site: Site, batch_size: int, leaf_aval, coordinates: bool):
 
     records = [spec(v.aval) for i, v in enumerate(site.eqn.invars) if i != pos]
     delta = spec(site.eqn.outvars[0].aval)
+    if site.rule == SCAN_CONSTANT:  # the tap passes the operands and δ out of the loop
+        return records, delta
     return jax.eval_shape(
         lambda r, d: site_stats(site, r, d, leaf_aval=leaf_aval, coordinates=coordinates),
         records,
@@ -102,6 +105,9 @@ def make_tap(site: Site, leaf_aval, coordinates: bool):
 
     def backward(residuals, delta):
         records, count = residuals
+        if site.rule == SCAN_CONSTANT:  # this iteration's share, summed after the pass
+            zeros = [jnp.zeros_like(r) for r in records]
+            return delta, zeros, ([widen(r) for r in records], widen(delta)), None
         stats = guarded_stats(site, records, delta, count, leaf_aval, coordinates)
         return delta, waiting_cotangents(records, stats), stats, None
 
