@@ -14,8 +14,10 @@ slice). For each, interleaved in rounds in this one process:
 
 A third model ties the table to the output layer (``nnx.Embed.attend``, logits over the
 vocabulary at every position, next-token targets): the table's statistics then come
-from the ``tied-lookup`` rule, shown against ``shared``/``shared+coords``, the general
-rule for tied weights (per-example tables a chunk of examples at a time), and
+from the ``tied-lookup`` rule (with coordinates, ``shared-products``: the backend's
+choice there), shown against ``shared``/``shared+coords``, the general rule for tied
+weights (per-example tables a chunk of examples at a time), ``tied+coords``, the
+``tied-lookup`` rule forced with coordinates, and
 ``vmap+coords``, exact per-example gradients (what the fallback for tied weights held
 in memory: B tables).
 
@@ -45,6 +47,7 @@ from _common import plain_and_fast, print_table, ratios_to_plain
 import adaptive_batch.stats._fast as fast_module
 import adaptive_batch.stats._fast_rules as fast_rules
 from adaptive_batch.stats import fast_stats_report, per_example_stats
+from adaptive_batch.stats._fast_tied import tied_lookup_pair
 
 
 class NnxTokens(nnx.Module):
@@ -121,16 +124,17 @@ def compile_without_embedding_rule(loss_fn, args):
         fast_rules.is_embedding = recognise
 
 
-def compile_with_shared_products(loss_fn, args, coordinates: bool):
-    """Fast statistics compiled with the ``tied-lookup`` rule switched off: the tied
-    table goes through the general ``shared-products`` rule."""
-    recognise = fast_module.uses_tied_lookup
-    fast_module.uses_tied_lookup = lambda *_: False
+def compile_with_tied_rule(loss_fn, args, coordinates: bool, tied_lookup: bool):
+    """Fast statistics compiled with the tied table's rule forced: ``tied-lookup`` when
+    ``tied_lookup`` (also where the backend prefers ``shared-products``: coordinates with
+    logits at every position), else the general ``shared-products``."""
+    choose = fast_module.uses_tied_lookup
+    fast_module.uses_tied_lookup = lambda sites, *_: tied_lookup and bool(tied_lookup_pair(sites))
     try:
         stats = per_example_stats(loss_fn, backend="fast", coordinates=coordinates)
         return stats.lower(*args).compile()
     finally:
-        fast_module.uses_tied_lookup = recognise
+        fast_module.uses_tied_lookup = choose
 
 
 def measure(loss_fn, params, batch, with_products: bool, tied: bool, budget_s: float):
@@ -141,8 +145,9 @@ def measure(loss_fn, params, batch, with_products: bool, tied: bool, budget_s: f
     if with_products:
         compiled["products+coords"] = compile_without_embedding_rule(loss_fn, args)
     if tied:
-        compiled["shared"] = compile_with_shared_products(loss_fn, args, coordinates=False)
-        compiled["shared+coords"] = compile_with_shared_products(loss_fn, args, coordinates=True)
+        for coordinates, suffix in ((False, ""), (True, "+coords")):
+            compiled[f"shared{suffix}"] = compile_with_tied_rule(loss_fn, args, coordinates, False)
+        compiled["tied+coords"] = compile_with_tied_rule(loss_fn, args, True, True)
         vmap = per_example_stats(loss_fn, backend="vmap", coordinates=True)
         compiled["vmap+coords"] = vmap.lower(*args).compile()
     return ratios_to_plain(compiled, args, budget_s)
