@@ -54,7 +54,11 @@ from adaptive_batch.stats._fast_analysis import (
 )
 from adaptive_batch.stats._fast_rules import choose_rule
 from adaptive_batch.stats._fast_scan_constant import RULE as SCAN_CONSTANT
-from adaptive_batch.stats._fast_scan_constant import scan_constant_stats
+from adaptive_batch.stats._fast_scan_constant import (
+    gather_loop_values,
+    scan_constant_stats,
+    share_loop_values,
+)
 from adaptive_batch.stats._fast_shared import shared_stats
 from adaptive_batch.stats._fast_tap import (
     guarded,
@@ -99,6 +103,7 @@ def build_plan(loss_fn, params: PyTree, batch: PyTree, *, coordinates: bool) -> 
     for sites in tied.values():
         if uses_tied_lookup(sites, batch_size, coordinates):
             plan.sites.update((s.path, dataclasses.replace(s, rule=TIED_LOOKUP)) for s in sites)
+    plan.sites.update(share_loop_values(plan.jaxpr, plan.sites))
     return plan
 
 
@@ -200,14 +205,15 @@ def _sums(plan: Plan, coordinates: bool, params, batch, mask):
     )
     deltas, tap_stats, copy_grads = backward(jnp.ones_like(total))
     site_stats = {}
-    for p, stats in zip(tapped, tap_stats, strict=True):
+    passed = dict(zip(tapped, tap_stats, strict=True))
+    for p, stats in passed.items():
         site = plan.sites[p]
         if site.rule == SCAN_CONSTANT:  # every iteration's operands and δ, stacked
 
             def rule(r, d, site=site, p=p):
                 return scan_constant_stats(site, r, d, leaf_aval=avals[p], coordinates=coordinates)
 
-            stats = guarded(rule, *stats, count, avals[p], coordinates)
+            stats = guarded(rule, *gather_loop_values(site, passed), count, avals[p], coordinates)
         site_stats[p] = _unstack_scan(site, jax.typeof(leaves[site.view.leaf]), stats)
     shared = {}  # leaf -> its sites, records and δ (tied weights, `_fast_shared`)
     for path, site_records, delta in zip(perturbed, records, deltas, strict=True):

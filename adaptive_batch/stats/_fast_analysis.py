@@ -116,6 +116,9 @@ class Site:
     nested: bool = False
     # The leaf enters the loss at other sites too (tied weights): gᵢ sums over them.
     shared: bool = False
+    # Rule ``scan-constant``: which site passes each operand and δ out of the loop
+    # (`_fast_scan_constant.LoopSources`).
+    loop_sources: Any = None
 
 
 @dataclasses.dataclass
@@ -136,6 +139,13 @@ def sub_jaxpr(eqn) -> tuple[Any, Sequence[Any]]:
     if isinstance(body, core.ClosedJaxpr):
         return body.jaxpr, body.consts
     return body, ()
+
+
+def jaxpr_at(jaxpr, path: Path):
+    """The body reached from ``jaxpr`` through the call or scan equations at ``path``."""
+    for k in path:
+        jaxpr = sub_jaxpr(jaxpr.eqns[k])[0]
+    return jaxpr
 
 
 def scan_arity(eqn) -> tuple[int, int]:

@@ -19,17 +19,22 @@ arrays:
 
 Memory: every iteration's inputs and signals, T·B·(K + N) for a dense layer, about what
 the plain gradient keeps for its reverse pass; the exact fallback held B per-example
-gradients of the weight and ran the loop once per example.
+gradients of the weight and ran the loop once per example. Sites of one body pass each
+value out once (`share_loop_values`): an RNN cell's ``x·Wx + h·Wh + b`` has one δ for
+its three sites (the cotangent of an ``add`` output is that of each operand), an LSTM's
+four gates read the same x and h, and a bias needs no operand at all.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
+from jax.extend import core
 
-from adaptive_batch.stats._fast_analysis import Site
+from adaptive_batch.stats._fast_analysis import Path, Site, jaxpr_at, vary_like
 from adaptive_batch.stats._fast_rules import (
     chain_transpose,
     chunked_sums,
@@ -38,8 +43,100 @@ from adaptive_batch.stats._fast_rules import (
     dense_stats,
     per_example_grad,
 )
+from adaptive_batch.stats._vmap import accumulation_dtype
 
 RULE = "scan-constant"
+# Sites linear in each operand with a unit coefficient: ∂y/∂W does not read the others.
+_OPERANDS_UNREAD = frozenset({"add", "add_any", "sub"})
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSources:
+    """Where a scan-constant site finds, after the pass, each of its other operands and
+    its δ, stacked over the iterations: ``records[j]`` is ``(path, j')``, operand j' of
+    the site at ``path`` (the site itself when it passes the value out of the loop), or
+    None for an operand its rule never reads; ``delta`` is the path of the site whose δ
+    it shares."""
+
+    records: tuple[tuple[Path, int] | None, ...]
+    delta: Path
+
+
+def share_loop_values(closed_jaxpr, sites: dict[Path, Site]) -> dict[Path, Site]:
+    """The scan-constant sites with their `LoopSources`: each value leaves the loop once.
+
+    Within one body, sites share an operand that is the same variable (an LSTM's gates
+    all read x and h) and a δ when their outputs reach the same variable through
+    additions alone (`signal_root`). Every stacked copy is T·B values per feature: an
+    Elman cell used to pass out three δ and the bias's other operand besides x and h.
+    """
+    owners: dict = {}
+    shared = {}
+    for path in sorted(p for p, site in sites.items() if site.rule == RULE):
+        site, body = sites[path], path[:-1]  # body: where the site's variables live
+        operands = [v for i, v in enumerate(site.eqn.invars) if i != site.weight_pos]
+        records = []
+        for j, v in enumerate(operands):
+            if site.eqn.primitive.name in _OPERANDS_UNREAD:
+                records.append(None)
+            elif isinstance(v, core.Literal):
+                records.append((path, j))
+            else:
+                records.append(owners.setdefault((body, "operand", v), (path, j)))
+        root = signal_root(jaxpr_at(closed_jaxpr.jaxpr, body), site.eqn.outvars[0])
+        delta = owners.setdefault((body, "signal", root), path)
+        shared[path] = dataclasses.replace(site, loop_sources=LoopSources(tuple(records), delta))
+    return shared
+
+
+def signal_root(jaxpr, var):
+    """The last variable of the chain var → ``add`` → ... in ``jaxpr`` along which each
+    variable has one use, an addition of its own shape: all of them have the same
+    cotangent, so sites whose outputs reach the same root share their δ."""
+    consumers: dict = {}
+    for eqn in jaxpr.eqns:
+        for pos, v in enumerate(eqn.invars):
+            if not isinstance(v, core.Literal):
+                consumers.setdefault(v, []).append((eqn, pos))
+    returned = {v for v in jaxpr.outvars if not isinstance(v, core.Literal)}
+    while var not in returned and len(consumers.get(var, ())) == 1:
+        eqn, pos = consumers[var][0]
+        name, out = eqn.primitive.name, eqn.outvars[0]
+        adds = name in ("add", "add_any") or (name == "sub" and pos == 0)
+        if not adds or (out.aval.shape, out.aval.dtype) != (var.aval.shape, var.aval.dtype):
+            break
+        var = out
+    return var
+
+
+def passed_out(site: Site, records, delta):
+    """What the site's tap passes out of the loop (the values it owns, see `LoopSources`;
+    None for the others): ``(records, delta)``. Also maps their shapes."""
+    sources, path = site.loop_sources, site.path
+    own = [sources.records[j] == (path, j) for j in range(len(records))]
+    return (
+        [r if mine else None for r, mine in zip(records, own, strict=True)],
+        delta if sources.delta == path else None,
+    )
+
+
+def gather_loop_values(site: Site, passed: dict[Path, tuple]):
+    """The site's operands and δ, each (T, B, ...), from what the taps passed out of the
+    loop (``passed[path] = (records, delta)``); zeros for operands its rule never reads."""
+    sources = site.loop_sources
+    delta = passed[sources.delta][1]
+    length, batch = delta.shape[:2]
+    operands = [v for i, v in enumerate(site.eqn.invars) if i != site.weight_pos]
+    records = []
+    for source, v in zip(sources.records, operands, strict=True):
+        if source is None:
+            dtype = accumulation_dtype(v.aval.dtype)  # as the tap widens what it passes
+            zeros = jnp.zeros((length, batch, *v.aval.shape), dtype)
+            records.append(vary_like(zeros, delta))
+        else:
+            path, j = source
+            records.append(passed[path][0][j])
+    return records, delta
 
 
 def scan_constant_stats(site: Site, records, delta, *, leaf_aval, coordinates: bool):

@@ -36,6 +36,7 @@ from jax.custom_batching import custom_vmap
 from adaptive_batch.stats._fast_analysis import Site
 from adaptive_batch.stats._fast_rules import site_stats
 from adaptive_batch.stats._fast_scan_constant import RULE as SCAN_CONSTANT
+from adaptive_batch.stats._fast_scan_constant import passed_out
 from adaptive_batch.stats._vmap import accumulation_dtype
 
 
@@ -77,8 +78,8 @@ def stats_shapes(site: Site, batch_size: int, leaf_aval, coordinates: bool):
 
     records = [spec(v.aval) for i, v in enumerate(site.eqn.invars) if i != pos]
     delta = spec(site.eqn.outvars[0].aval)
-    if site.rule == SCAN_CONSTANT:  # the tap passes the operands and δ out of the loop
-        return records, delta
+    if site.rule == SCAN_CONSTANT:  # the tap passes operands and δ out of the loop
+        return passed_out(site, records, delta)
     return jax.eval_shape(
         lambda r, d: site_stats(site, r, d, leaf_aval=leaf_aval, coordinates=coordinates),
         records,
@@ -107,7 +108,8 @@ def make_tap(site: Site, leaf_aval, coordinates: bool):
         records, count = residuals
         if site.rule == SCAN_CONSTANT:  # this iteration's share, summed after the pass
             zeros = [jnp.zeros_like(r) for r in records]
-            return delta, zeros, ([widen(r) for r in records], widen(delta)), None
+            passed = jax.tree.map(widen, passed_out(site, records, delta))
+            return delta, zeros, passed, None
         stats = guarded_stats(site, records, delta, count, leaf_aval, coordinates)
         return delta, waiting_cotangents(records, stats), stats, None
 
