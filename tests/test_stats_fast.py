@@ -762,6 +762,36 @@ def test_squares_are_summed_by_row_blocks_on_cpu_only():
     assert loops("cuda") == 0
 
 
+def test_per_example_products_go_example_by_example_on_cpu_only():
+    """A dense weight shared over positions, with coordinates (rule ``dense-products``):
+    on XLA:CPU one matrix product per example in a loop for weights of 64·64 entries or
+    more, as their batched product of a chunk of examples ran up to 10x slower; elsewhere
+    the chunk's batched product. Lowered
+    for CUDA from this CPU machine, the batch fits one chunk there: no loop, and one
+    batched product per weight."""
+    ks = keys(3)
+    params = {"w": jax.random.normal(ks[0], (64, 64)) / 8, "v": jax.random.normal(ks[1], (64, 64))}
+    batch = jax.random.normal(ks[2], (4, 16, 64))  # 16 positions of 64 features
+
+    def loss_fn(p, x):
+        return jnp.sum(jnp.tanh(x @ p["w"]) @ p["v"] / 64, axis=(1, 2)) ** 2
+
+    assert fast_stats_report(loss_fn, params, batch, coordinates=True) == {
+        "['v']": "dense-products",
+        "['w']": "dense-products",
+    }
+    assert_stats_close(*both_backends(loss_fn, params, batch, coordinates=True))
+    stats = per_example_stats(loss_fn, backend="fast", coordinates=True)
+
+    def loops_and_batched_products(platform):
+        exported = jax.export.export(stats, platforms=(platform,))(params, batch, jnp.ones(4))
+        module = exported.mlir_module()
+        return module.count("stablehlo.while"), module.count("batching_dims")
+
+    assert loops_and_batched_products("cpu") == (2, 0)
+    assert loops_and_batched_products("cuda") == (0, 2)
+
+
 @pytest.mark.parametrize("mode", [None, "clip", "fill"])
 def test_embedding_ids_outside_the_table_in_real_rows(mode):
     """An id outside the table gets the gradient JAX gives it: ``table[ids]``

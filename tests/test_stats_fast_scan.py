@@ -412,7 +412,8 @@ def test_lstm_gates_pass_their_shared_inputs_out_of_the_loop_once():
 
 def test_an_rnn_cell_passes_one_signal_out_of_the_loop():
     """Memory of the Elman RNN, norms only: x, h and one δ of every step, not the bias's
-    other operand and three δ (compiled temporary memory, not timed; 2.05x before)."""
+    other operand and three δ (compiled temporary memory / plain gradient's, not timed;
+    2.05x before)."""
     width, n = 256, 64
     params, batch = rnn_params(width, inputs=32), rnn_batch(n, steps=16, inputs=32)
 
@@ -425,6 +426,10 @@ def test_an_rnn_cell_passes_one_signal_out_of_the_loop():
 
     plain = temp(jax.jit(jax.value_and_grad(mean_loss)))
     assert temp(per_example_stats(rnn_loss(), backend="fast")) < 1.7 * plain
+    # With coordinates, one example's gᵢ of wh at a time (`_dense_products_by_example`),
+    # not chunks of them: 2.37x before.
+    coordinates = per_example_stats(rnn_loss(), backend="fast", coordinates=True)
+    assert temp(coordinates) < 1.75 * plain
 
 
 def test_weights_the_rule_cannot_take_fall_back_with_a_reason():

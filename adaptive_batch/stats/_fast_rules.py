@@ -99,18 +99,70 @@ def dense_stats(site: Site, rule: str, a, d, coordinates: bool):
     elif rule == "dense-gram":
         out = _dense_gram(a, d)
     else:
-        # A chunk's per-example gradients may take twice the layer's inputs and
-        # signals. Measured on XLA:CPU (NNX transformer block with coordinates, each
-        # in a fresh process, time / temporary memory of a plain gradient at B = 64
-        # / 256 / 1024): once their size, 1.84 / 1.25 / 1.23x and 1.16 / 1.17 /
-        # 1.17x; twice, 1.26 / 1.19 / 1.22x and 1.28 / 1.20 / 1.19x. Once, B = 64
-        # ran in two chunks, and glibc mapped their buffers fresh from the OS on every
-        # call (with MALLOC_MMAP_THRESHOLD_=4294967296 it was 1.3x).
-        budget = 2 * max(a.size + d.size, a.shape[2] * d.shape[2])
-        out = chunked_sums(
-            lambda a, d: _grouped_products("bhpk,bhpn->bhkn", a, d), (a, d), budget, coordinates
-        )
+        out = _dense_products(a, d, coordinates)
     return tuple(_dense_to_weight(site, x) if x is not None and x.ndim else x for x in out)
+
+
+def _dense_products(a, d, coordinates: bool):
+    """Σgᵢ, Σ‖gᵢ‖², Σgᵢ⊙gᵢ (or None) of per-example products gᵢ = Σₚ aᵢₚ⊗dᵢₚ: example by
+    example on XLA:CPU for weights of at least `_BY_EXAMPLE_MIN_SIZE` entries
+    (`_dense_products_by_example`), else batched products of chunks of examples.
+
+    A chunk's per-example gradients may take twice the layer's inputs and signals.
+    Measured on XLA:CPU (NNX transformer block with coordinates, each in a fresh
+    process, time / temporary memory of a plain gradient at B = 64 / 256 / 1024): once
+    their size, 1.84 / 1.25 / 1.23x and 1.16 / 1.17 / 1.17x; twice, 1.26 / 1.19 / 1.22x
+    and 1.28 / 1.20 / 1.19x. Once, B = 64 ran in two chunks, and glibc mapped their
+    buffers fresh from the OS on every call (with MALLOC_MMAP_THRESHOLD_=4294967296 it
+    was 1.3x).
+    """
+    budget = 2 * max(a.size + d.size, a.shape[2] * d.shape[2])
+
+    def by_chunks(a, d):
+        def products(a, d):
+            return _grouped_products("bhpk,bhpn->bhkn", a, d)
+
+        return chunked_sums(products, (a, d), budget, coordinates)
+
+    if a.shape[1] * a.shape[3] * d.shape[3] < _BY_EXAMPLE_MIN_SIZE:
+        return by_chunks(a, d)
+    by_example = functools.partial(_dense_products_by_example, coordinates=coordinates)
+    return _on_cpu(by_example, by_chunks, a, d)
+
+
+# Weights from this size on take their per-example products one example at a time on
+# XLA:CPU. Σgᵢ⊙gᵢ of P = 16 positions by examples / by chunks of them, ms (B, K = N):
+# (256, 16) 2.1 / 1.3, (256, 64) 1.8 / 2.0, (256, 128) 4.7 / 6.0, (256, 256) 27 / 186,
+# (64, 512) 16 / 176; the batched products fall off a cliff from K·N = 256·256 on.
+_BY_EXAMPLE_MIN_SIZE = 64 * 64
+
+
+def _dense_products_by_example(a, d, *, coordinates: bool):
+    """Σgᵢ, Σ‖gᵢ‖², Σgᵢ⊙gᵢ (or None) of gᵢ = Σₚ aᵢₚ⊗dᵢₚ, one example per iteration of a
+    loop: on XLA:CPU a plain matrix product per example.
+
+    XLA:CPU runs the batched product ``"bpk,bpn->bkn"`` of a chunk of examples an order
+    of magnitude slower than the same products one by one (B = 64, P = 16, K = N = 256:
+    26 ms batched, in chunks or whole, against 3.0–3.7 ms in a loop, for 1.3 ms of the
+    summed product aᵀd). The loop also holds one gᵢ at a time, not a chunk of them.
+    """
+    heads, k, n = a.shape[1], a.shape[3], d.shape[3]
+
+    def product(a_i, d_i):  # (H, P, K), (H, P, N) -> (H, K, N); (K, N) for one head
+        if heads == 1:  # as `_grouped_products`
+            return a_i[0].T @ d_i[0]
+        return jnp.einsum("hpk,hpn->hkn", a_i, d_i)
+
+    def step(i, sums):
+        g = product(a[i], d[i])
+        grad_sum, sq_norm, sq_sum = sums
+        sq_sum = sq_sum + g * g if coordinates else None
+        return grad_sum + g, sq_norm + jnp.vdot(g, g), sq_sum
+
+    shape = (k, n) if heads == 1 else (heads, k, n)
+    zeros = vary_like(jnp.zeros(shape, a.dtype), a)
+    init = (zeros, vary_like(jnp.zeros((), a.dtype), a), zeros if coordinates else None)
+    return lax.fori_loop(0, a.shape[0], step, init)
 
 
 def dense_rule(positions: int, k: int, n: int, coordinates: bool) -> str:
@@ -217,25 +269,27 @@ def _dense_outer(a, d, coordinates):
     )
 
 
-def _on_cpu_by_row_blocks(by_row_blocks, whole_batch, *args):
-    """``by_row_blocks(*args)`` when compiled for XLA:CPU, ``whole_batch(*args)`` for
-    any other platform.
+def _on_cpu(looped, whole_batch, *args):
+    """``looped(*args)`` when compiled for XLA:CPU, ``whole_batch(*args)`` for any other
+    platform.
 
-    Row blocks keep XLA:CPU from materialising the squares of the whole batch (it does
-    not square inside a product or a reduction). Each block is an iteration of a
+    XLA:CPU does not square inside a product or a reduction, so squares are summed over
+    blocks of rows there rather than materialised for the whole batch; and it runs
+    batched products of many small matrices slowly, so per-example products go example by
+    example (`_dense_products_by_example`). Each block or example is an iteration of a
     ``while`` loop, though, and on a GPU the iterations cost more than the squares:
     measured on an H100 (MLP 40-512-512-10 with coordinates, time / plain gradient's,
     B = 64 / 256 / 1024): 3.09 / 2.61 / 2.28x by blocks, 1.51 / 1.33 / 1.31x whole;
     the NNX transformer block at B = 64: 2.66x -> 1.36x. XLA:GPU fuses the squaring
     into the reduction. The CPU program is unchanged by the switch.
     """
-    return lax.platform_dependent(*args, cpu=by_row_blocks, default=whole_batch)
+    return lax.platform_dependent(*args, cpu=looped, default=whole_batch)
 
 
 def _squares_product(spec, a, d):
     """Σᵢ aᵢ²⊗dᵢ² as (a⊙a)ᵀ(d⊙d); on XLA:CPU summed over blocks of rows when the squared
-    copies of the whole batch would outgrow the result (`_on_cpu_by_row_blocks`)."""
-    return _on_cpu_by_row_blocks(
+    copies of the whole batch would outgrow the result (`_on_cpu`)."""
+    return _on_cpu(
         functools.partial(_squares_product_by_blocks, spec),
         lambda a, d: jnp.einsum(spec, a * a, d * d),
         a,
@@ -278,8 +332,8 @@ def _product_of_squares(spec, a, d):
 
 def _column_square_sums(x):
     """Σᵢ xᵢ⊙xᵢ over the rows of x (B, K); on XLA:CPU by blocks of rows, as it
-    materialises the squares of a whole reduction's input (`_on_cpu_by_row_blocks`)."""
-    return _on_cpu_by_row_blocks(_column_square_sums_by_blocks, lambda x: jnp.sum(x * x, 0), x)
+    materialises the squares of a whole reduction's input (`_on_cpu`)."""
+    return _on_cpu(_column_square_sums_by_blocks, lambda x: jnp.sum(x * x, 0), x)
 
 
 def _column_square_sums_by_blocks(x):
