@@ -791,6 +791,27 @@ def test_per_example_products_go_example_by_example_on_cpu_only():
     assert loops_and_batched_products("cpu") == (2, 0)
     assert loops_and_batched_products("cuda") == (0, 2)
 
+    # The loop with NaN in a padding row, on a batch sharded over 8 devices, and inside
+    # shard_map (its sums start as zeros that vary over the device axis).
+    batch = jax.random.normal(ks[2], (8, 16, 64)).at[5].set(jnp.nan)
+    mask = jnp.ones(8).at[5].set(0)
+    vmap = per_example_stats(loss_fn, backend="vmap", coordinates=True)(params, batch, mask)
+    assert_stats_close(vmap, stats(params, batch, mask))
+    mesh = jax.make_mesh((8,), ("data",))
+    sharded = jax.device_put((batch, mask), NamedSharding(mesh, PartitionSpec("data")))
+    assert_stats_close(vmap, stats(params, *sharded))
+    mesh = jax.make_mesh((4,), ("data",), devices=jax.devices()[:4])
+    sharded = jax.device_put((batch, mask), NamedSharding(mesh, PartitionSpec("data")))
+    in_shard_map = jax.jit(
+        jax.shard_map(
+            lambda p, b, m: jax.lax.psum(stats(p, b, m), "data"),
+            mesh=mesh,
+            in_specs=(PartitionSpec(), PartitionSpec("data"), PartitionSpec("data")),
+            out_specs=PartitionSpec(),
+        )
+    )
+    assert_stats_close(vmap, in_shard_map(params, *sharded))
+
 
 @pytest.mark.parametrize("mode", [None, "clip", "fill"])
 def test_embedding_ids_outside_the_table_in_real_rows(mode):
