@@ -1,6 +1,6 @@
 """Fast statistics of layers stacked and run by ``lax.scan``, against a plain gradient.
 
-Four models, each measured at a few batch sizes:
+Five models, each measured at a few batch sizes:
 
 * ``scan MLP``: 40 → 512, then L = 4 layers 512 → 512 (dense, bias, tanh) stacked along
   a leading axis and run by ``lax.scan``, then 512 → 10;
@@ -10,7 +10,10 @@ Four models, each measured at a few batch sizes:
   T = 32, D = 64, created with ``nnx.vmap`` and run by ``nnx.scan`` under ``nnx.remat``;
 * ``RNN``: an Elman RNN, 32 inputs → 256 hidden units over T = 16 steps, then 10
   classes; its weights are constants of the loop, read whole by every step (rule
-  ``scan-constant``, which fell back to per-example gradients before).
+  ``scan-constant``, which fell back to per-example gradients before);
+* ``Linen LSTM``: Flax Linen ``nn.RNN(nn.LSTMCell)``, the same inputs and steps, half the
+  RNN's hidden units, then 10 classes: twelve ``scan-constant`` sites, whose gates read
+  the same x and h.
 
 For each, interleaved in rounds in this one process: ``plain`` (``jax.value_and_grad``
 of the masked mean loss, the unit), ``fast`` and ``fast+coords``
@@ -39,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
+from flax import linen, nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import plain_and_fast, print_table, ratios_to_plain
@@ -154,6 +157,26 @@ def rnn_loss(params, batch):
     return optax.softmax_cross_entropy_with_integer_labels(h @ params["head"], batch["y"])
 
 
+class LinenLSTM(linen.Module):
+    hidden: int
+
+    @linen.compact
+    def __call__(self, x):
+        return linen.Dense(10)(linen.RNN(linen.LSTMCell(self.hidden))(x)[:, -1])
+
+
+def lstm_setup(hidden):
+    """(loss_fn, params) of a Linen LSTM over the RNN's inputs."""
+    model = LinenLSTM(hidden)
+    params = model.init(jax.random.key(2), jnp.zeros((1, STEPS, RNN_INPUTS)))
+
+    def loss_fn(params, batch):
+        logits = model.apply(params, batch["x"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
+
+    return loss_fn, params
+
+
 def measure(loss_fn, params, batch, budget_s: float):
     args = (params, batch, jnp.ones(batch["y"].shape[0]))
 
@@ -185,6 +208,7 @@ def main():
         ("unrolled MLP", unrolled_mlp_loss, unrolled(params), "x"),
         ("nnx.scan transformer", transformer_loss, transformer_params, "ids"),
         (f"RNN {width // 2}, T = {STEPS}", rnn_loss, rnn_params(width // 2), "seq"),
+        (f"Linen LSTM {width // 4}, T = {STEPS}", *lstm_setup(width // 4), "seq"),
     ]
     rows = []
     for batch_size in batch_sizes:

@@ -81,20 +81,27 @@ def mlp(key):
 CNN_CHANNELS = ((3, 16, 1), (16, 32, 2), (32, 32, 2))  # (in, out, stride), 3x3, padding 1
 
 
-def cnn(key):
-    ks = jax.random.split(key, 4)
+def cnn(key, channels=None, image_size=16):
+    """3×3 convolutions ((in, out, stride) per layer, default `CNN_CHANNELS`) on
+    ``image_size``² × 3 images, a spatial mean and a linear classifier."""
+    channels = CNN_CHANNELS if channels is None else channels
+    ks = jax.random.split(key, len(channels) + 1)
     params = {
         f"conv{i}": {
             "w": jax.random.normal(k, (3, 3, c_in, c_out)) / np.sqrt(9 * c_in),
             "b": jnp.zeros(c_out),
         }
-        for i, (k, (c_in, c_out, _)) in enumerate(zip(ks, CNN_CHANNELS, strict=False))
+        for i, (k, (c_in, c_out, _)) in enumerate(zip(ks, channels, strict=False))
     }
-    params["out"] = {"w": jax.random.normal(ks[3], (32, 10)) / np.sqrt(32), "b": jnp.zeros(10)}
+    width = channels[-1][1]
+    params["out"] = {
+        "w": jax.random.normal(ks[-1], (width, 10)) / np.sqrt(width),
+        "b": jnp.zeros(10),
+    }
 
     def loss_fn(params, batch):
         h = batch["x"]
-        for i, (_, _, stride) in enumerate(CNN_CHANNELS):
+        for i, (_, _, stride) in enumerate(channels):
             layer = params[f"conv{i}"]
             h = lax.conv_general_dilated(
                 h, layer["w"], (stride, stride), ((1, 1), (1, 1)),
@@ -106,7 +113,7 @@ def cnn(key):
 
     def make_batch(k, n):
         k1, k2 = jax.random.split(k)
-        x = jax.random.normal(k1, (n, 16, 16, 3))
+        x = jax.random.normal(k1, (n, image_size, image_size, 3))
         return {"x": x, "y": jax.random.randint(k2, (n,), 0, 10)}
 
     return params, loss_fn, make_batch

@@ -103,6 +103,14 @@ def dense_stats(site: Site, rule: str, a, d, coordinates: bool):
     return tuple(_dense_to_weight(site, x) if x is not None and x.ndim else x for x in out)
 
 
+# Weights from this size on take their per-example products one example at a time on
+# XLA:CPU. Σgᵢ⊙gᵢ of P = 16 positions by examples / by chunks of them, ms (B, K = N):
+# (256, 16) 0.62 / 0.46, (256, 64) 1.8 / 1.6, (256, 128) 4.7 / 5.7, (256, 256) 27 / 186,
+# (64, 512) 15 / 178 (`benchmarks/products.py`): about even at 64·64 (1.8 / 2.0 in an
+# earlier run), and the batched products fall off a cliff from 256·256 on.
+_BY_EXAMPLE_MIN_SIZE = 64 * 64
+
+
 def _dense_products(a, d, coordinates: bool):
     """Σgᵢ, Σ‖gᵢ‖², Σgᵢ⊙gᵢ (or None) of per-example products gᵢ = Σₚ aᵢₚ⊗dᵢₚ: example by
     example on XLA:CPU for weights of at least `_BY_EXAMPLE_MIN_SIZE` entries
@@ -128,13 +136,6 @@ def _dense_products(a, d, coordinates: bool):
         return by_chunks(a, d)
     by_example = functools.partial(_dense_products_by_example, coordinates=coordinates)
     return _on_cpu(by_example, by_chunks, a, d)
-
-
-# Weights from this size on take their per-example products one example at a time on
-# XLA:CPU. Σgᵢ⊙gᵢ of P = 16 positions by examples / by chunks of them, ms (B, K = N):
-# (256, 16) 2.1 / 1.3, (256, 64) 1.8 / 2.0, (256, 128) 4.7 / 6.0, (256, 256) 27 / 186,
-# (64, 512) 16 / 176; the batched products fall off a cliff from K·N = 256·256 on.
-_BY_EXAMPLE_MIN_SIZE = 64 * 64
 
 
 def _dense_products_by_example(a, d, *, coordinates: bool):

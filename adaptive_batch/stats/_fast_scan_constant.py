@@ -110,8 +110,9 @@ def signal_root(jaxpr, var):
 
 
 def passed_out(site: Site, records, delta):
-    """What the site's tap passes out of the loop (the values it owns, see `LoopSources`;
-    None for the others): ``(records, delta)``. Also maps their shapes."""
+    """What the site's tap passes out of the loop, ``(records, delta)``: the values it
+    owns (see `LoopSources`), None for the others. Applied to the values in the reverse
+    pass and to their shapes for the accumulator (`_fast_tap.stats_shapes`)."""
     sources, path = site.loop_sources, site.path
     own = [sources.records[j] == (path, j) for j in range(len(records))]
     return (
