@@ -71,6 +71,7 @@ from adaptive_batch.stats._fast_tap import (
 from adaptive_batch.stats._fast_tied import RULE as TIED_LOOKUP
 from adaptive_batch.stats._fast_tied import tied_lookup_stats, uses_tied_lookup
 from adaptive_batch.stats._grad_stats import GradStats
+from adaptive_batch.stats._row_sums import row_sums
 from adaptive_batch.stats._vmap import accumulation_dtype, masked, vmap_sums
 
 PyTree = Any
@@ -232,9 +233,13 @@ def _sums(plan: Plan, coordinates: bool, params, batch, mask):
         grad_sum[leaf], sq_sum[leaf] = g, s
         sq_norm.append(q)
     for i, g in zip(fallback, copy_grads, strict=True):
-        g = widen(g)
-        grad_sum[i], sq_sum[i] = jnp.sum(g, 0), jnp.sum(jnp.square(g), 0)
-        sq_norm.append(jnp.sum(jnp.square(g)))
+        if coordinates:  # `row_sums`, as the vmap backend (`vmap_sums`)
+            grad_sum[i], sq_sum[i] = row_sums(g)
+            sq_norm.append(jnp.sum(sq_sum[i]))
+        else:
+            g = widen(g)
+            grad_sum[i] = jnp.sum(g, 0)
+            sq_norm.append(jnp.sum(jnp.square(g)))
     for i in plan.unused:
         grad_sum[i] = sq_sum[i] = jnp.zeros(jnp.shape(leaves[i]), _acc(leaves[i]))
 

@@ -42,6 +42,7 @@ from jax import lax
 from adaptive_batch.stats._fast_analysis import Site, bind, transpose_views, vary_like
 from adaptive_batch.stats._fast_conv import conv_unfold, is_plain_conv
 from adaptive_batch.stats._fast_embedding import embedding_stats, is_embedding
+from adaptive_batch.stats._row_sums import on_cpu, row_block, row_sums
 
 
 def choose_rule(site: Site, batch_size: int, coordinates: bool) -> str:
@@ -135,7 +136,7 @@ def _dense_products(a, d, coordinates: bool):
     if a.shape[1] * a.shape[3] * d.shape[3] < _BY_EXAMPLE_MIN_SIZE:
         return by_chunks(a, d)
     by_example = functools.partial(_dense_products_by_example, coordinates=coordinates)
-    return _on_cpu(by_example, by_chunks, a, d)
+    return on_cpu(by_example, by_chunks, a, d)
 
 
 def _dense_products_by_example(a, d, *, coordinates: bool):
@@ -270,27 +271,10 @@ def _dense_outer(a, d, coordinates):
     )
 
 
-def _on_cpu(looped, whole_batch, *args):
-    """``looped(*args)`` when compiled for XLA:CPU, ``whole_batch(*args)`` for any other
-    platform.
-
-    XLA:CPU does not square inside a product or a reduction, so squares are summed over
-    blocks of rows there rather than materialised for the whole batch; and it runs
-    batched products of many small matrices slowly, so per-example products go example by
-    example (`_dense_products_by_example`). Each block or example is an iteration of a
-    ``while`` loop, though, and on a GPU the iterations cost more than the squares:
-    measured on an H100 (MLP 40-512-512-10 with coordinates, time / plain gradient's,
-    B = 64 / 256 / 1024): 3.09 / 2.61 / 2.28x by blocks, 1.51 / 1.33 / 1.31x whole;
-    the NNX transformer block at B = 64: 2.66x -> 1.36x. XLA:GPU fuses the squaring
-    into the reduction. The CPU program is unchanged by the switch.
-    """
-    return lax.platform_dependent(*args, cpu=looped, default=whole_batch)
-
-
 def _squares_product(spec, a, d):
     """Σᵢ aᵢ²⊗dᵢ² as (a⊙a)ᵀ(d⊙d); on XLA:CPU summed over blocks of rows when the squared
-    copies of the whole batch would outgrow the result (`_on_cpu`)."""
-    return _on_cpu(
+    copies of the whole batch would outgrow the result (`on_cpu`)."""
+    return on_cpu(
         functools.partial(_squares_product_by_blocks, spec),
         lambda a, d: jnp.einsum(spec, a * a, d * d),
         a,
@@ -300,7 +284,7 @@ def _squares_product(spec, a, d):
 
 def _squares_product_by_blocks(spec, a, d):
     result = jax.eval_shape(lambda a, d: jnp.einsum(spec, a, d), a, d)
-    chunk = _row_block(a.shape[0], a[0].size + d[0].size, math.prod(result.shape))
+    chunk = row_block(a.shape[0], a[0].size + d[0].size, math.prod(result.shape))
     if chunk == a.shape[0]:
         return _product_of_squares(spec, a, d)
 
@@ -329,37 +313,6 @@ def _product_of_squares(spec, a, d):
         # changed nothing in the compiled program (MLP at B = 64, 256 and 1024).
         return jnp.dot(lax.optimization_barrier((a * a).T), d * d)
     return jnp.einsum(spec, a * a, d * d)
-
-
-def _column_square_sums(x):
-    """Σᵢ xᵢ⊙xᵢ over the rows of x (B, K); on XLA:CPU by blocks of rows, as it
-    materialises the squares of a whole reduction's input (`_on_cpu`)."""
-    return _on_cpu(_column_square_sums_by_blocks, lambda x: jnp.sum(x * x, 0), x)
-
-
-def _column_square_sums_by_blocks(x):
-    chunk = _row_block(x.shape[0], x.shape[1], x.shape[1])
-
-    def block(k, total):
-        x_k = lax.dynamic_slice_in_dim(x, k * chunk, chunk)
-        return total + jnp.sum(x_k * x_k, 0)
-
-    zeros = vary_like(jnp.zeros(x.shape[1:], x.dtype), x)
-    return lax.fori_loop(0, x.shape[0] // chunk, block, zeros)
-
-
-def _row_block(batch: int, row_size: int, result_size: int, max_blocks: int = 4) -> int:
-    """Rows per block: the whole batch when its squares are no larger than the result,
-    else the smallest divisor of the batch giving at most ``max_blocks`` blocks.
-
-    Four blocks rather than eight: each block adds its product onto the K×N sum, and
-    fewer of them were faster at the same compiled memory (MLP 40-512-512-10 with
-    coordinates, interleaved in one process, time / plain gradient's at B = 64 / 256 /
-    1024: 1.45 / 1.45 / 1.44x with 8, 1.39 / 1.43 / 1.41x with 4; memory 1.28 / 1.31 /
-    1.40x with either; the whole batch at once: 1.53x at B = 1024)."""
-    if batch * row_size <= result_size:
-        return batch
-    return min(c for c in range(1, batch + 1) if batch % c == 0 and c * max_blocks >= batch)
 
 
 def _dense_gram(a, d):
@@ -418,22 +371,16 @@ def chunked_sums(
     fits = [c for c in range(2, batch + 1) if batch % c == 0 and c * per_row <= budget]
     chunk = max(fits, default=1)
 
-    def sums(args, whole_batch=False):
+    def sums(args):
         g = per_example_grads(*args)
-        if whole_batch and coordinates:
-            # g of the whole batch (one row per example, like a bias): its squares would
-            # be one more batch-sized temporary, so they are summed a block at a time.
-            flat = g.reshape(g.shape[0], -1)
-            return (
-                jnp.sum(g, 0),
-                jnp.vdot(flat, flat),
-                _column_square_sums(flat).reshape(g.shape[1:]),
-            )
-        sq = jnp.square(g)
-        return (jnp.sum(g, 0), jnp.sum(sq), jnp.sum(sq, 0) if coordinates else None)
+        if coordinates:
+            total, squares = row_sums(g)
+            return total, jnp.sum(squares), squares
+        # A whole reduction fuses the squares, and a narrow g's computation too.
+        return row_sums(g, squares=False)[0], jnp.sum(jnp.square(g)), None
 
     if chunk == batch:
-        return sums(inputs, whole_batch=True)
+        return sums(inputs)
     if slice_in_place:
         # Chunks sliced from the leading axis where they lie: a reshape to (chunks, chunk,
         # ...) for lax.scan makes XLA copy the inputs into a chunk-major layout first,

@@ -1,0 +1,127 @@
+"""Sums over the rows (leading axis) of an array, and the platform switch they use.
+
+    row_sums(x) = (Σᵢ xᵢ, Σᵢ xᵢ⊙xᵢ)   over i, the leading axis of x.
+
+Per-example gradients, and the per-step values of a loop, are summed this way: rows of
+up to millions of entries, often few of them. XLA:CPU (jax 0.10) runs a reduction over
+the leading axis of rows of some 16384 entries or more an order of magnitude slower
+than the memory it reads allows: Σxᵢ and Σxᵢ⊙xᵢ of 64 rows of 262144 entries took
+217 ms, against 7.1 ms adding the rows one after the other, and of 16 rows of 32768
+entries 2.9 ms against 0.22 ms (2-core CPU, `benchmarks/row_sums.py`). On XLA:CPU wide
+rows are therefore added one at a time in a loop, squares in the same pass, or, for Σxᵢ
+alone, summed as the product of a row of ones with x; no other platform needs it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+from jax import lax
+
+from adaptive_batch.stats._fast_analysis import vary_like
+
+
+def on_cpu(looped, whole_batch, *args):
+    """``looped(*args)`` when compiled for XLA:CPU, ``whole_batch(*args)`` for any other
+    platform.
+
+    XLA:CPU does not square inside a product or a reduction, so squares are summed over
+    blocks of rows there rather than materialised for the whole batch; it runs
+    batched products of many small matrices slowly, so per-example products go example by
+    example (`_fast_rules._dense_products_by_example`); and its reductions over a leading
+    axis are slow (`row_sums`). Each block, example or row is an iteration of a ``while``
+    loop, though, and on a GPU the iterations cost more than the squares: measured on an
+    H100 (MLP 40-512-512-10 with coordinates, time / plain gradient's, B = 64 / 256 /
+    1024): 3.09 / 2.61 / 2.28x by blocks, 1.51 / 1.33 / 1.31x whole; the NNX transformer
+    block at B = 64: 2.66x -> 1.36x. XLA:GPU fuses the squaring into the reduction. The
+    CPU program is unchanged by the switch.
+    """
+    return lax.platform_dependent(*args, cpu=looped, default=whole_batch)
+
+
+# Rows from this size on are added one at a time on XLA:CPU. Below it the reduction is
+# at most about 2x slower than the loop, and it can fuse the computation of x (a bias's
+# per-example gradients, say), which the loop, reading x row by row, must materialise
+# first: the benchmark MLP's temporary memory went from 1.03x to 1.53x a plain
+# gradient's at B = 64 when its biases took the loop.
+_LOOP_MIN_ROW_SIZE = 8192
+
+
+def row_sums(x, *, squares: bool = True, mask=None):
+    """``(Σᵢ xᵢ, Σᵢ xᵢ⊙xᵢ)`` over the rows i of ``x`` (its leading axis) where ``mask``
+    (a boolean per row, None for all rows) holds; the second is None without
+    ``squares``. Accumulated in at least float32. Masked rows may hold NaN.
+
+    The mask and the widening are applied row by row: applied to x first, they would
+    make on XLA:CPU one more array the size of x (B per-example gradients, say)."""
+    dtype = jnp.promote_types(x.dtype, jnp.float32)
+
+    def whole(x):
+        x = _masked_rows(x.astype(dtype), mask)
+        return jnp.sum(x, 0), (jnp.sum(x * x, 0) if squares else None)
+
+    def on_xla_cpu(x):
+        if math.prod(x.shape[1:]) < _LOOP_MIN_ROW_SIZE:
+            total = jnp.sum(_masked_rows(x.astype(dtype), mask), 0)
+            return total, (_square_sums_by_blocks(x, mask, dtype) if squares else None)
+        if squares or mask is not None:
+            return _row_by_row(x, squares, mask, dtype)
+        return _sum_by_product(x.astype(dtype)), None
+
+    return on_cpu(on_xla_cpu, whole, x)
+
+
+def _row_by_row(x, squares: bool, mask, dtype):
+    def add_row(i, sums):
+        row = x[i].astype(dtype)
+        if mask is not None:
+            row = jnp.where(mask[i], row, 0)
+        total, square_total = sums
+        return total + row, (square_total + row * row if squares else None)
+
+    zeros = vary_like(jnp.zeros(x.shape[1:], dtype), x)  # typed like x in shard_map
+    return lax.fori_loop(0, x.shape[0], add_row, (zeros, zeros if squares else None))
+
+
+def _sum_by_product(x):
+    """Σᵢ xᵢ as the product of a row of ones with x: no loop, which would hold its own
+    copy of an x that other operations read too."""
+    ones = jnp.ones(x.shape[:1], x.dtype)
+    return jnp.tensordot(ones, x, 1, precision=lax.Precision.HIGHEST)
+
+
+def _square_sums_by_blocks(x, mask, dtype):
+    """Σᵢ xᵢ⊙xᵢ over blocks of rows: XLA:CPU materialises the squares of a whole
+    reduction's input, one more array the size of x."""
+    rows = row_block(x.shape[0], math.prod(x.shape[1:]), math.prod(x.shape[1:]))
+
+    def block(k, total):
+        x_k = lax.dynamic_slice_in_dim(x, k * rows, rows).astype(dtype)
+        if mask is not None:
+            x_k = _masked_rows(x_k, lax.dynamic_slice_in_dim(mask, k * rows, rows))
+        return total + jnp.sum(x_k * x_k, 0)
+
+    zeros = vary_like(jnp.zeros(x.shape[1:], dtype), x)
+    return lax.fori_loop(0, x.shape[0] // rows, block, zeros)
+
+
+def _masked_rows(x, mask):
+    """x with the rows where mask is False set to 0 (``where``: NaN there cannot leak)."""
+    if mask is None:
+        return x
+    return jnp.where(mask.reshape(mask.shape + (1,) * (x.ndim - 1)), x, 0)
+
+
+def row_block(batch: int, row_size: int, result_size: int, max_blocks: int = 4) -> int:
+    """Rows per block: the whole batch when its squares are no larger than the result,
+    else the smallest divisor of the batch giving at most ``max_blocks`` blocks.
+
+    Four blocks rather than eight: each block adds its product onto the K×N sum, and
+    fewer of them were faster at the same compiled memory (MLP 40-512-512-10 with
+    coordinates, interleaved in one process, time / plain gradient's at B = 64 / 256 /
+    1024: 1.45 / 1.45 / 1.44x with 8, 1.39 / 1.43 / 1.41x with 4; memory 1.28 / 1.31 /
+    1.40x with either; the whole batch at once: 1.53x at B = 1024)."""
+    if batch * row_size <= result_size:
+        return batch
+    return min(c for c in range(1, batch + 1) if batch % c == 0 and c * max_blocks >= batch)

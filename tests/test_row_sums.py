@@ -1,0 +1,86 @@
+"""Sums over the rows of an array (`_row_sums.row_sums`) against NumPy float64, and the
+exact backend's coordinate sums, which use them, against brute-force gradients."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from adaptive_batch.stats import per_example_stats
+from adaptive_batch.stats._row_sums import _LOOP_MIN_ROW_SIZE, row_sums
+
+# Narrow rows take XLA's reduction, wide ones the row loop (or the product with ones).
+SHAPES = [(64, 40), (6, 3, _LOOP_MIN_ROW_SIZE // 2)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("with_mask", [False, True])
+@pytest.mark.parametrize("squares", [True, False])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_row_sums_match_float64(shape, with_mask, squares, dtype):
+    x = jax.random.normal(jax.random.key(0), shape).astype(dtype)
+    mask = None
+    if with_mask:  # the masked rows hold NaN, which must not reach the sums
+        mask = jnp.arange(shape[0]) % 3 != 1
+        x = jnp.where(mask.reshape(-1, *[1] * (len(shape) - 1)), x, jnp.nan)
+    total, square_total = jax.jit(lambda x, m: row_sums(x, squares=squares, mask=m))(x, mask)
+
+    rows = np.asarray(x.astype(jnp.float32), np.float64)
+    if with_mask:
+        rows = rows[np.asarray(mask)]
+    assert total.dtype == jnp.float32
+    np.testing.assert_allclose(total, rows.sum(0), rtol=1e-5, atol=1e-5)
+    if squares:
+        np.testing.assert_allclose(square_total, (rows**2).sum(0), rtol=1e-5, atol=1e-5)
+    else:
+        assert square_total is None
+
+
+@pytest.mark.parametrize("squares", [True, False])
+def test_wide_rows_are_added_one_by_one_on_cpu_only(squares):
+    """On XLA:CPU a reduction over the leading axis of wide rows is slow, so the rows are
+    added in a loop (or, without squares, by a product with ones); lowered for CUDA from
+    this machine, it stays one reduction."""
+    x = jnp.ones((8, _LOOP_MIN_ROW_SIZE))
+
+    def lowered(platform):
+        fn = jax.jit(lambda x: row_sums(x, squares=squares))
+        return jax.export.export(fn, platforms=(platform,))(x).mlir_module()
+
+    cpu, cuda = lowered("cpu"), lowered("cuda")
+    assert cpu.count("stablehlo.while") == (1 if squares else 0)
+    assert cpu.count("stablehlo.dot_general") == (0 if squares else 1)
+    assert cuda.count("stablehlo.while") == cuda.count("stablehlo.dot_general") == 0
+
+
+def test_exact_backend_coordinates_with_wide_leaves_match_brute_force():
+    """A 128×128 weight: per-example gradients of 16384 entries go through the row loop,
+    with NaN in a padding row."""
+    ks = jax.random.split(jax.random.key(1), 4)
+    params = {
+        "w": jax.random.normal(ks[0], (128, 128)) / 11,
+        "b": jax.random.normal(ks[1], (128,)),
+    }
+    x = jax.random.normal(ks[2], (12, 128)).at[4].set(jnp.nan)
+    y = jax.random.normal(ks[3], (12,))
+    mask = jnp.ones(12, bool).at[4].set(False)
+
+    def loss_fn(p, batch):
+        x, y = batch
+        return (jnp.sum(jnp.tanh(x @ p["w"] + p["b"]), -1) - y) ** 2
+
+    stats = per_example_stats(loss_fn, backend="vmap", coordinates=True)(params, (x, y), mask)
+
+    def example_grad(i):
+        g = jax.grad(lambda p: loss_fn(p, (x[i : i + 1], y[i : i + 1]))[0])(params)
+        return jax.tree.map(lambda v: np.asarray(v, np.float64), g)
+
+    grads = [example_grad(i) for i in range(12) if mask[i]]
+    for name in params:
+        per_example = np.stack([g[name] for g in grads])
+        np.testing.assert_allclose(stats.grad_sum[name], per_example.sum(0), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(stats.sq_sum[name], (per_example**2).sum(0), rtol=1e-4)
+    total = sum((np.stack([g[n] for g in grads]) ** 2).sum() for n in params)
+    np.testing.assert_allclose(stats.sq_norm_sum, total, rtol=1e-5)
