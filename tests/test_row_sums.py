@@ -9,23 +9,26 @@ import numpy as np
 import pytest
 
 from adaptive_batch.stats import per_example_stats
-from adaptive_batch.stats._row_sums import _LOOP_MIN_ROW_SIZE, row_sums
+from adaptive_batch.stats._row_sums import _WIDEST_REDUCED_ROW, row_sums
 
 # Narrow rows take XLA's reduction, wide ones the row loop (or the product with ones).
-SHAPES = [(64, 40), (6, 3, _LOOP_MIN_ROW_SIZE // 2)]
+SHAPES = [(64, 40), (6, 3, _WIDEST_REDUCED_ROW // 2)]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("with_mask", [False, True])
 @pytest.mark.parametrize("squares", [True, False])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_row_sums_match_float64(shape, with_mask, squares, dtype):
+@pytest.mark.parametrize("square_blocks", [True, False])
+def test_row_sums_match_float64(shape, with_mask, squares, dtype, square_blocks):
     x = jax.random.normal(jax.random.key(0), shape).astype(dtype)
     mask = None
     if with_mask:  # the masked rows hold NaN, which must not reach the sums
         mask = jnp.arange(shape[0]) % 3 != 1
         x = jnp.where(mask.reshape(-1, *[1] * (len(shape) - 1)), x, jnp.nan)
-    total, square_total = jax.jit(lambda x, m: row_sums(x, squares=squares, mask=m))(x, mask)
+    total, square_total = jax.jit(
+        lambda x, m: row_sums(x, squares=squares, mask=m, square_blocks=square_blocks)
+    )(x, mask)
 
     rows = np.asarray(x.astype(jnp.float32), np.float64)
     if with_mask:
@@ -43,7 +46,7 @@ def test_wide_rows_are_added_one_by_one_on_cpu_only(squares):
     """On XLA:CPU a reduction over the leading axis of wide rows is slow, so the rows are
     added in a loop (or, without squares, by a product with ones); lowered for CUDA from
     this machine, it stays one reduction."""
-    x = jnp.ones((8, _LOOP_MIN_ROW_SIZE))
+    x = jnp.ones((8, _WIDEST_REDUCED_ROW + 1))
 
     def lowered(platform):
         fn = jax.jit(lambda x: row_sums(x, squares=squares))
@@ -55,13 +58,24 @@ def test_wide_rows_are_added_one_by_one_on_cpu_only(squares):
     assert cuda.count("stablehlo.while") == cuda.count("stablehlo.dot_general") == 0
 
 
+@pytest.mark.parametrize("square_blocks", [True, False])
+def test_narrow_rows_square_by_blocks_only_when_asked(square_blocks):
+    """Rows of up to `_WIDEST_REDUCED_ROW` entries take XLA's reduction; on XLA:CPU their
+    squares are summed over blocks of rows (a loop) unless ``square_blocks=False``."""
+    x = jnp.ones((8, _WIDEST_REDUCED_ROW))
+    fn = jax.jit(lambda x: row_sums(x, square_blocks=square_blocks))
+    cpu = jax.export.export(fn, platforms=("cpu",))(x).mlir_module()
+    assert cpu.count("stablehlo.while") == (1 if square_blocks else 0)
+    assert cpu.count("stablehlo.dot_general") == 0
+
+
 def test_exact_backend_coordinates_with_wide_leaves_match_brute_force():
-    """A 128×128 weight: per-example gradients of 16384 entries go through the row loop,
+    """A 128×129 weight: per-example gradients of 16512 entries go through the row loop,
     with NaN in a padding row."""
     ks = jax.random.split(jax.random.key(1), 4)
     params = {
-        "w": jax.random.normal(ks[0], (128, 128)) / 11,
-        "b": jax.random.normal(ks[1], (128,)),
+        "w": jax.random.normal(ks[0], (128, 129)) / 11,
+        "b": jax.random.normal(ks[1], (129,)),
     }
     x = jax.random.normal(ks[2], (12, 128)).at[4].set(jnp.nan)
     y = jax.random.normal(ks[3], (12,))

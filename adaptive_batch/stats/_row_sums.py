@@ -4,7 +4,7 @@
 
 Per-example gradients, and the per-step values of a loop, are summed this way: rows of
 up to millions of entries, often few of them. XLA:CPU (jax 0.10) runs a reduction over
-the leading axis of rows of some 16384 entries or more an order of magnitude slower
+the leading axis of rows of more than 16384 entries an order of magnitude slower
 than the memory it reads allows: Σxᵢ and Σxᵢ⊙xᵢ of 64 rows of 262144 entries took
 217 ms, against 7.1 ms adding the rows one after the other, and of 16 rows of 32768
 entries 2.9 ms against 0.22 ms (2-core CPU, `benchmarks/row_sums.py`). On XLA:CPU wide
@@ -40,21 +40,33 @@ def on_cpu(looped, whole_batch, *args):
     return lax.platform_dependent(*args, cpu=looped, default=whole_batch)
 
 
-# Rows from this size on are added one at a time on XLA:CPU. Below it the reduction is
-# at most about 2x slower than the loop, and it can fuse the computation of x (a bias's
-# per-example gradients, say), which the loop, reading x row by row, must materialise
-# first: the benchmark MLP's temporary memory went from 1.03x to 1.53x a plain
-# gradient's at B = 64 when its biases took the loop.
-_LOOP_MIN_ROW_SIZE = 8192
+# Rows of more entries than this are added one at a time on XLA:CPU. The reduction's
+# cliff is sharp: Σxᵢ and Σxᵢ⊙xᵢ of 256 rows took 1.7 ms at 16384 entries and 24 ms at
+# 16640 (the loop: 1.1 ms for both). Up to it the reduction is at most 1.4-2.7x slower
+# than the loop alone, but it fuses with the computation of x, which the loop, reading
+# x row by row, must materialise first: the benchmark MLP's temporary memory went from
+# 1.03x to 1.53x a plain gradient's at B = 64 when its biases took the loop, and the
+# benchmark CNN with coordinates, whose widest weight has 9216 entries, ran at 1.43 /
+# 1.16x a plain gradient (B = 64 / 256) with a loop from 8192 entries on, 1.41 / 1.09x
+# with this bound (interleaved in one process).
+_WIDEST_REDUCED_ROW = 16384
 
 
-def row_sums(x, *, squares: bool = True, mask=None):
+def row_sums(x, *, squares: bool = True, mask=None, square_blocks: bool = True):
     """``(Σᵢ xᵢ, Σᵢ xᵢ⊙xᵢ)`` over the rows i of ``x`` (its leading axis) where ``mask``
     (a boolean per row, None for all rows) holds; the second is None without
     ``squares``. Accumulated in at least float32. Masked rows may hold NaN.
 
     The mask and the widening are applied row by row: applied to x first, they would
-    make on XLA:CPU one more array the size of x (B per-example gradients, say)."""
+    make on XLA:CPU one more array the size of x (B per-example gradients, say).
+
+    On XLA:CPU the squares of rows of up to `_WIDEST_REDUCED_ROW` entries are summed by
+    blocks of rows (`_square_sums_by_blocks`), as a reduction there materialises the
+    squares of its whole input: keep ``square_blocks`` for an x as large as the batch.
+    ``square_blocks=False`` sums them in one reduction, which was faster where x is a
+    chunk of per-example gradients that its caller sized with room for the squares:
+    benchmark CNN with coordinates, 1.41 / 1.09x -> 1.33 / 0.98x a plain gradient at
+    B = 64 / 256 (interleaved in one process), same compiled memory."""
     dtype = jnp.promote_types(x.dtype, jnp.float32)
 
     def whole(x):
@@ -62,9 +74,11 @@ def row_sums(x, *, squares: bool = True, mask=None):
         return jnp.sum(x, 0), (jnp.sum(x * x, 0) if squares else None)
 
     def on_xla_cpu(x):
-        if math.prod(x.shape[1:]) < _LOOP_MIN_ROW_SIZE:
+        if math.prod(x.shape[1:]) <= _WIDEST_REDUCED_ROW:
+            if not (squares and square_blocks):
+                return whole(x)
             total = jnp.sum(_masked_rows(x.astype(dtype), mask), 0)
-            return total, (_square_sums_by_blocks(x, mask, dtype) if squares else None)
+            return total, _square_sums_by_blocks(x, mask, dtype)
         if squares or mask is not None:
             return _row_by_row(x, squares, mask, dtype)
         return _sum_by_product(x.astype(dtype)), None
