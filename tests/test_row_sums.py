@@ -69,9 +69,9 @@ def test_narrow_rows_square_by_blocks_only_when_asked(square_blocks):
     assert cpu.count("stablehlo.dot_general") == 0
 
 
-def test_exact_backend_coordinates_with_wide_leaves_match_brute_force():
-    """A 128×129 weight: per-example gradients of 16512 entries go through the row loop,
-    with NaN in a padding row."""
+def _wide_problem():
+    """A 128×129 weight: per-example gradients of 16512 entries, above the widest row
+    that XLA's reduction sums (`_WIDEST_REDUCED_ROW`), and a NaN padding row."""
     ks = jax.random.split(jax.random.key(1), 4)
     params = {
         "w": jax.random.normal(ks[0], (128, 129)) / 11,
@@ -85,7 +85,16 @@ def test_exact_backend_coordinates_with_wide_leaves_match_brute_force():
         x, y = batch
         return (jnp.sum(jnp.tanh(x @ p["w"] + p["b"]), -1) - y) ** 2
 
-    stats = per_example_stats(loss_fn, backend="vmap", coordinates=True)(params, (x, y), mask)
+    return loss_fn, params, (x, y), mask
+
+
+@pytest.mark.parametrize("coordinates", [True, False])
+def test_exact_backend_with_wide_leaves_matches_brute_force(coordinates):
+    """Coordinates: the wide rows go through the row loop. Norms: on XLA:CPU, Σgᵢ is the
+    gradient of the masked loss sum, over real rows standing in for the NaN padding."""
+    loss_fn, params, (x, y), mask = _wide_problem()
+    stats_fn = per_example_stats(loss_fn, backend="vmap", coordinates=coordinates)
+    stats = stats_fn(params, (x, y), mask)
 
     def example_grad(i):
         g = jax.grad(lambda p: loss_fn(p, (x[i : i + 1], y[i : i + 1]))[0])(params)
@@ -95,6 +104,19 @@ def test_exact_backend_coordinates_with_wide_leaves_match_brute_force():
     for name in params:
         per_example = np.stack([g[name] for g in grads])
         np.testing.assert_allclose(stats.grad_sum[name], per_example.sum(0), rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(stats.sq_sum[name], (per_example**2).sum(0), rtol=1e-4)
+        if coordinates:
+            np.testing.assert_allclose(stats.sq_sum[name], (per_example**2).sum(0), rtol=1e-4)
     total = sum((np.stack([g[n] for g in grads]) ** 2).sum() for n in params)
     np.testing.assert_allclose(stats.sq_norm_sum, total, rtol=1e-5)
+    assert int(stats.count) == 11
+
+
+@pytest.mark.parametrize("coordinates", [True, False])
+def test_exact_backend_with_wide_leaves_gives_zeros_for_all_padding(coordinates):
+    """No real row to stand in for the NaN padding: zeros, not NaN."""
+    loss_fn, params, (x, y), _ = _wide_problem()
+    x = jnp.full_like(x, jnp.nan)
+    stats_fn = per_example_stats(loss_fn, backend="vmap", coordinates=coordinates)
+    stats = stats_fn(params, (x, y), jnp.zeros(12, bool))
+    for leaf in jax.tree.leaves(stats):
+        np.testing.assert_array_equal(np.asarray(leaf), 0.0)

@@ -1,4 +1,6 @@
-"""Exact per-example statistics (`per_example_stats`, vmap backend) against brute force."""
+"""Per-example statistics (`per_example_stats`) against brute force: the exact backend,
+``backend="vmap"``, and the default, ``"auto"`` (the fast backend where it applies; see
+also tests/test_stats_fast.py)."""
 
 from __future__ import annotations
 
@@ -169,13 +171,16 @@ def assert_fields_close(actual: dict, expected: dict, rtol=1e-5):
 
 # --------------------------------------------------------------------------- exactness
 
+BACKENDS = ["vmap", "auto"]
+
 
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("microbatch_size", [None, 5])
-def test_every_field_matches_brute_force(name, microbatch_size):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_field_matches_brute_force(name, microbatch_size, backend):
     loss_fn, params, batch = make_problem(name, n=13)
     stats_fn = ab.per_example_stats(
-        loss_fn, coordinates=True, inner=True, microbatch_size=microbatch_size
+        loss_fn, coordinates=True, inner=True, microbatch_size=microbatch_size, backend=backend
     )
     assert_fields_close(
         as_flat_dict(stats_fn(params, batch)), brute_force_stats(loss_fn, params, batch)
@@ -221,10 +226,12 @@ def test_flax_nnx_model_through_split_and_merge():
     assert_fields_close(as_flat_dict(stats), brute_force_stats(loss_fn, params, batch))
 
 
-def test_bfloat16_params_accumulate_in_float32():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bfloat16_params_accumulate_in_float32(backend):
     loss_fn, params, batch = make_problem("mlp", n=8)
     params16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
-    stats = ab.per_example_stats(loss_fn, coordinates=True, inner=True)(params16, batch)
+    stats_fn = ab.per_example_stats(loss_fn, coordinates=True, inner=True, backend=backend)
+    stats = stats_fn(params16, batch)
     assert stats.sq_norm_sum.dtype == jnp.float32
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(stats.grad_sum))
     expected = brute_force_stats(loss_fn, params16, batch)
@@ -243,16 +250,19 @@ def cached_stats_fn(name, **kwargs):
     return ab.per_example_stats(MODELS[name][1], **kwargs)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @settings(max_examples=25, deadline=None)
 @given(order=st.permutations(range(N_ROWS)))
-def test_padding_rows_change_nothing(order):
+def test_padding_rows_change_nothing(backend, order):
     """Padding rows (mask 0) anywhere in the batch, even full of NaN, change no number."""
     _, params, batch = make_problem("mlp", n=N_ROWS)
     real_rows = np.sort(np.array(order[:N_REAL]))
     real = np.isin(np.arange(N_ROWS), real_rows)
     poisoned = {"x": jnp.where(real[:, None], batch["x"], jnp.nan), "y": batch["y"]}
     unpadded = jax.tree.map(lambda x: x[real_rows], batch)
-    stats_fn = cached_stats_fn("mlp", coordinates=True, inner=True, microbatch_size=4)
+    stats_fn = cached_stats_fn(
+        "mlp", coordinates=True, inner=True, microbatch_size=4, backend=backend
+    )
     padded = as_flat_dict(stats_fn(params, poisoned, mask=real))
     assert all(np.all(np.isfinite(v)) for v in padded.values())
     assert_fields_close(padded, as_flat_dict(stats_fn(params, unpadded)), rtol=2e-6)
@@ -271,9 +281,10 @@ def test_stats_of_a_batch_are_the_sum_over_any_split(part):
     assert_fields_close(as_flat_dict(sum(pieces)), as_flat_dict(whole), rtol=2e-6)
 
 
-def test_sum_of_sliced_parts_equals_whole_and_psum_over_devices():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sum_of_sliced_parts_equals_whole_and_psum_over_devices(backend):
     loss_fn, params, batch = make_problem("mlp", n=16)
-    stats_fn = ab.per_example_stats(loss_fn, coordinates=True)
+    stats_fn = ab.per_example_stats(loss_fn, coordinates=True, backend=backend)
     whole = as_flat_dict(stats_fn(params, batch))
     parts = [
         jax.tree.map(lambda x, s=s: x[s], batch) for s in (slice(0, 3), slice(3, 11), slice(11, 16))
@@ -316,9 +327,11 @@ def test_any_batch_size_with_any_microbatch_size(microbatch_size):
 # --------------------------------------------------------------------------- edge cases
 
 
-def test_batch_of_one_is_finite_and_documented():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_of_one_is_finite_and_documented(backend):
     loss_fn, params, batch = make_problem("mlp", n=1)
-    stats = ab.per_example_stats(loss_fn, coordinates=True, inner=True)(params, batch)
+    stats_fn = ab.per_example_stats(loss_fn, coordinates=True, inner=True, backend=backend)
+    stats = stats_fn(params, batch)
     assert_fields_close(as_flat_dict(stats), brute_force_stats(loss_fn, params, batch))
     # One example: no spread to measure. Unbiased estimates are defined as 0, not NaN.
     assert float(stats.variance(ddof=1)) == 0.0
@@ -328,11 +341,11 @@ def test_batch_of_one_is_finite_and_documented():
     assert float(stats.variance(ddof=0)) <= 1e-6 * float(stats.sq_norm_sum)
 
 
-def test_all_padding_batch_gives_zeros_not_nan():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_padding_batch_gives_zeros_not_nan(backend):
     loss_fn, params, batch = make_problem("mlp", n=6)
-    stats = ab.per_example_stats(loss_fn, coordinates=True, inner=True)(
-        params, batch, mask=jnp.zeros(6)
-    )
+    stats_fn = ab.per_example_stats(loss_fn, coordinates=True, inner=True, backend=backend)
+    stats = stats_fn(params, batch, mask=jnp.zeros(6))
     assert float(stats.count) == 0.0
     derived = [
         stats.mean_loss,
