@@ -42,11 +42,14 @@ from adaptive_batch.stats._grad_stats import GradStats
 from adaptive_batch.stats._row_sums import row_sums
 from adaptive_batch.stats._vmap import masked
 
-# (rows, row size): a bias's per-example gradients, per-step signals of the LSTM and
-# Elman RNN of benchmarks/scan.py (T = 16 steps of B·N entries), chunks and batches of
-# per-example gradients of a 512×512 weight.
+# (rows, row size): a bias's per-example gradients, the two sides of XLA:CPU's cliff
+# (`_row_sums._WIDEST_REDUCED_ROW`), per-step signals of the LSTM and Elman RNN of
+# benchmarks/scan.py (T = 16 steps of B·N entries), chunks and batches of per-example
+# gradients of a 512×512 weight.
 SHAPES = [
     (256, 512),
+    (256, 16384),
+    (256, 16640),
     (16, 256 * 128),
     (16, 256 * 256),
     (8, 512 * 512),

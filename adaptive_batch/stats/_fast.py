@@ -72,7 +72,7 @@ from adaptive_batch.stats._fast_tied import RULE as TIED_LOOKUP
 from adaptive_batch.stats._fast_tied import tied_lookup_stats, uses_tied_lookup
 from adaptive_batch.stats._grad_stats import GradStats
 from adaptive_batch.stats._row_sums import row_sums
-from adaptive_batch.stats._vmap import accumulation_dtype, masked, vmap_sums
+from adaptive_batch.stats._vmap import accumulation_dtype, masked, vmap_sums, with_real_rows
 
 PyTree = Any
 _WARNED: set = set()
@@ -142,8 +142,7 @@ def _sums(plan: Plan, coordinates: bool, params, batch, mask):
     # Padding rows become copies of a real row: every value in them is then finite and
     # their zero weight in the summed loss makes their δ and gradients exactly 0, so no
     # recorded input or signal needs masking (which would cost a copy of each).
-    first_real = jnp.argmax(mask)
-    batch = jax.tree.map(lambda x: jnp.where(_row_mask(mask, x), x, x[first_real]), batch)
+    batch = with_real_rows(batch, mask)
     # An all-padding batch (say a late micro-batch of a small batch in a big bucket) had
     # no real row to stand in for the padding, which may hold NaN: results are zeroed
     # then (`guarded_stats`, and below for fallback leaves). A lax.cond skipping the work
@@ -363,10 +362,6 @@ def _batch_zeros(reference, shape, dtype):
     """Zeros of shape (B, *shape), laid out over devices like the batch's leading axis."""
     rows = jnp.zeros_like(reference.reshape(reference.shape[0], -1)[:, 0], dtype)
     return jnp.broadcast_to(rows.reshape(rows.shape + (1,) * len(shape)), rows.shape + shape)
-
-
-def _row_mask(mask, x):
-    return mask.reshape(mask.shape + (1,) * (jnp.ndim(x) - 1))
 
 
 def _acc(x):

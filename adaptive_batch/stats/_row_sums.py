@@ -41,14 +41,14 @@ def on_cpu(looped, whole_batch, *args):
 
 
 # Rows of more entries than this are added one at a time on XLA:CPU. The reduction's
-# cliff is sharp: Σxᵢ and Σxᵢ⊙xᵢ of 256 rows took 1.7 ms at 16384 entries and 24 ms at
-# 16640 (the loop: 1.1 ms for both). Up to it the reduction is at most 1.4-2.7x slower
-# than the loop alone, but it fuses with the computation of x, which the loop, reading
-# x row by row, must materialise first: the benchmark MLP's temporary memory went from
-# 1.03x to 1.53x a plain gradient's at B = 64 when its biases took the loop, and the
-# benchmark CNN with coordinates, whose widest weight has 9216 entries, ran at 1.43 /
-# 1.16x a plain gradient (B = 64 / 256) with a loop from 8192 entries on, 1.41 / 1.09x
-# with this bound (interleaved in one process).
+# cliff is sharp: Σxᵢ and Σxᵢ⊙xᵢ of 256 rows took 2.0 ms at 16384 entries and 24.5 ms
+# at 16640, the loop 1.6 ms (`benchmarks/row_sums.py`). Up to it the reduction fuses
+# with the computation of x, which the loop, reading x row by row, must materialise
+# first: the benchmark MLP's temporary memory went from 1.03x to 1.53x a plain
+# gradient's at B = 64 when its biases took the loop, and the benchmark CNN with
+# coordinates, whose widest weight has 9216 entries, ran at 1.43 / 1.16x a plain
+# gradient (B = 64 / 256) with a loop from 8192 entries on, 1.41 / 1.09x with this
+# bound (interleaved in one process).
 _WIDEST_REDUCED_ROW = 16384
 
 
