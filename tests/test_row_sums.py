@@ -120,3 +120,28 @@ def test_exact_backend_with_wide_leaves_gives_zeros_for_all_padding(coordinates)
     stats = stats_fn(params, (x, y), jnp.zeros(12, bool))
     for leaf in jax.tree.leaves(stats):
         np.testing.assert_array_equal(np.asarray(leaf), 0.0)
+
+
+def test_exact_backend_norms_of_wide_leaves_sum_over_devices():
+    """The backward pass for Σgᵢ of wide leaves inside ``shard_map``: per-device sums that
+    add up, over 8 devices, to the whole batch's (no psum of its own)."""
+    loss_fn, params, (x, y), mask = _wide_problem()
+    x, y = jnp.concatenate([x, x[:4]]), jnp.concatenate([y, y[:4]])
+    mask = jnp.concatenate([mask, jnp.ones(4, bool)])  # 16 rows, one of them NaN padding
+    stats_fn = per_example_stats(loss_fn, backend="vmap")
+    whole = stats_fn(params, (x, y), mask)
+
+    devices = jax.devices()[:8]
+    assert len(devices) == 8, "tests/conftest.py asks for 8 simulated CPU devices"
+    mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+    spec = jax.sharding.PartitionSpec
+
+    @jax.jit
+    @jax.shard_map(mesh=mesh, in_specs=(spec(), spec("data"), spec("data")), out_specs=spec())
+    def data_parallel(params, batch, mask):
+        return jax.lax.psum(stats_fn(params, batch, mask), "data")
+
+    sharded = data_parallel(params, (x, y), mask)
+    for name, a, b in zip(("count", "loss", "grad", "norms"), whole, sharded, strict=False):
+        for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+            np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-5, err_msg=name)
