@@ -29,9 +29,7 @@ def masked(values: jax.Array, mask: jax.Array) -> jax.Array:
 
     ``where`` rather than a product, so a NaN or inf in a padding row cannot leak.
     """
-    values = values.astype(accumulation_dtype(values.dtype))
-    row_mask = mask.reshape(mask.shape + (1,) * (values.ndim - 1))
-    return jnp.where(row_mask, values, 0)
+    return jnp.where(_row_mask(mask, values), _widened(values), 0)
 
 
 def with_real_rows(batch: PyTree, mask: jax.Array) -> PyTree:
