@@ -926,8 +926,8 @@ def test_wide_and_small_fallback_leaves_match_float64_brute_force(coordinates):
 
 def test_wide_fallback_leaf_all_padding_microbatches_and_devices():
     """The exact pass of a wide fallback leaf: zeros for an all-NaN all-padding batch, the
-    same sums in micro-batches (the last one padded) and summed over 4 devices inside
-    ``shard_map``."""
+    same sums in micro-batches (the last one padded), summed over 4 devices inside
+    ``shard_map``, and on a batch sharded over 8 devices with explicit mesh axes."""
     params, batch, loss_fn = normalised_mlp_setup(n=8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -941,6 +941,9 @@ def test_wide_fallback_leaf_all_padding_microbatches_and_devices():
         mesh = jax.make_mesh((4,), ("data",), devices=jax.devices()[:4])
         sharded = jax.device_put(batch, NamedSharding(mesh, PartitionSpec("data")))
         assert_stats_close(vmap, summed_over_shard_map(stats_fn, mesh)(params, sharded))
+        mesh = jax.make_mesh((8,), ("data",))  # explicit axes: the pass runs in auto_axes
+        sharded = jax.device_put(batch, NamedSharding(mesh, PartitionSpec("data")))
+        assert_stats_close(vmap, stats_fn(params, sharded))
 
 
 def test_wide_fallback_leaf_holds_no_per_example_copies_with_coordinates():
