@@ -338,6 +338,32 @@ def test_linen_lstm_has_no_fallback():
     assert {r for path, r in report.items() if "LSTMCell" in path} == {"scan-constant"}
 
 
+class NNXLSTM(nnx.Module):
+    def __init__(self, rngs):
+        self.rnn = nnx.RNN(nnx.OptimizedLSTMCell(4, 7, rngs=rngs))
+        self.head = nnx.Linear(7, 3, rngs=rngs)
+
+    def __call__(self, x):
+        # An explicit initial carry: without it nnx.RNN draws one from its Rngs, a state
+        # update that a pure loss (split/merge under jit) cannot make.
+        carry = (jnp.zeros((x.shape[0], 7)), jnp.zeros((x.shape[0], 7)))
+        return self.head(self.rnn(x, initial_carry=carry)[:, -1])
+
+
+def test_nnx_lstm_with_an_initial_carry_has_no_fallback():
+    """``nnx.RNN`` runs its cell under a Flax NNX scan (``nnx.compat.scan``): the cell's
+    weights are constants of the loop there too."""
+    batch = rnn_batch(6)
+    graphdef, params, rest = nnx.split(NNXLSTM(nnx.Rngs(0)), nnx.Param, ...)
+
+    def loss_fn(p, b):
+        logits = nnx.merge(graphdef, p, rest)(b["x"])
+        return jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, b["y"][:, None], 1)[:, 0]
+
+    report = assert_fast_without_fallback(loss_fn, params, batch, jnp.ones(6).at[2].set(0))
+    assert {r for path, r in report.items() if "'rnn'" in path} == {"scan-constant"}
+
+
 def test_recurrent_weights_use_less_memory_than_per_example_gradients():
     """The steps' inputs and signals (T·B·(K + N)) instead of B per-example gradients of
     a 256 × 256 recurrent weight (compiled temporary memory, not timed)."""
