@@ -79,10 +79,17 @@ from adaptive_batch.stats._vmap import accumulation_dtype, masked, vmap_sums, wi
 PyTree = Any
 _WARNED: set = set()
 # Fallback leaves of more entries than this take an exact pass of their own
-# (`_exact_pass`), smaller ones per-example copies in the fast pass. Measured at the two
-# ends only: a scalar's copies cost nothing, while a 512×512 weight's made the pass
-# 1.2–2.2x slower; the bound is that of the rows XLA:CPU sums well (`row_sums`).
-_LARGEST_COPIED_LEAF = 16384
+# (`_exact_pass`), smaller ones per-example copies in the fast pass. Measured by
+# `benchmarks/fallback.py` (time / plain gradient's at B = 64 / 256, interleaved in one
+# process, copies -> pass): a weight normalised by its column norms, 512×512, norms only
+# 58 / 90x -> 25 / 72x and with coordinates 26 / 58x -> 19 / 49x, memory 380x -> 256x;
+# 128×128, 3.8 / 22x -> 3.1 / 16x and 4.3 / 24x -> 4.0 / 17x, memory 95x -> 72x (with
+# glibc told to keep freed memory, 3.7 / 10x -> 3.0 / 7.6x and 4.0 / 11x -> 3.8 / 9.7x:
+# the copies' larger temporaries were also faulted in again on some calls). A vector of
+# 4096 features that meets the batch elementwise (exp(s) ⊙ h) pays for the pass: 1.26 /
+# 1.28x -> 1.38 / 1.40x with coordinates, memory 1.34 / 1.39x -> 1.67 / 1.72x; a scalar
+# 1.37 / 1.42x -> 1.41 / 1.45x.
+_LARGEST_COPIED_LEAF = 1024
 
 
 def build_plan(loss_fn, params: PyTree, batch: PyTree, *, coordinates: bool) -> Plan:
@@ -307,12 +314,10 @@ def _exact_pass(loss_fn, leaves, treedef, exact, batch, mask, coordinates: bool)
     by its column norms: B normalisations, then B matrix-vector products in place of
     one matrix product), where ``jax.vmap`` of the gradient computes what depends on
     the parameters alone once. The price is one more forward and backward pass over the
-    batch. MLP 40-512-512-10 with its 512×512 weight normalised by column norms,
-    interleaved in one process, time / temporary memory of a plain gradient at B = 64 /
-    256: copies 76 / 101x and 379 / 383x norms only, 34 / 61x and 380 / 383x with
-    coordinates; this pass 34 / 79x and 382 / 384x, 27 / 48x and 256 / 257x. For a
-    scalar (logits × exp(t)) the copies cost nothing (1.02 / 1.03x) and this pass
-    1.28 / 1.33x.
+    batch, which XLA may merge with the fast pass where both compute the same values:
+    for a temperature of the logits (`benchmarks/fallback.py`) the compiled program had
+    the same 13 / 18 large matrix products either way (norms only / with coordinates).
+    Measured in the note of `_LARGEST_COPIED_LEAF`.
     """
 
     def loss_of(exact_leaves, examples):
