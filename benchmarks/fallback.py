@@ -4,13 +4,14 @@ gradient and the exact backend, measured side by side.
 A leaf that no layer rule covers gets exact per-example gradients (the other leaves
 keep their rules): a leaf of up to `_fast._LARGEST_COPIED_LEAF` entries from one copy
 per example inside the fast pass, a larger one from an exact pass of its own
-(`_fast._exact_pass`). Four models, each a fallback leaf next to dense layers:
+(`_fast._exact_pass`). Six models, each a fallback leaf next to dense layers:
 
-* ``weight-norm 512`` / ``weight-norm 128``: MLP 40-W-W-10 whose middle weight is
-  normalised by its column norms before the product (w / ‖w‖ per column, nonlinear in
-  the leaf), W = 512 (an exact pass) and 128 (16384 entries: copies);
-* ``scale 4096``: MLP 40-4096-10 whose hidden features are scaled by exp(s), s a
-  vector of 4096 entries (a leaf that meets the batch elementwise);
+* ``weight-norm W``: MLP 40-W-W-10 whose middle weight is normalised by its column
+  norms before the product (w / ‖w‖ per column, nonlinear in the leaf), W = 512 and 128
+  (an exact pass) and 32 (1024 entries, the bound: copies);
+* ``scale W``: MLP 40-W-10 whose hidden features are scaled by exp(s), s a vector of
+  W = 4096 (an exact pass) or 1024 (copies) entries, a leaf that meets the batch
+  elementwise;
 * ``temperature``: MLP 40-512-512-10 whose logits are scaled by exp(t), t a scalar.
 
 For each, in this one process: ``fast`` / ``fast+coords`` (``per_example_stats(backend=
@@ -51,7 +52,14 @@ from _common import interleaved_rounds, median_ratio, plain_and_fast, print_tabl
 import adaptive_batch.stats._fast as fast_module
 from adaptive_batch.stats import fast_stats_report, per_example_stats
 
-MODELS = (("weight-norm", 512), ("weight-norm", 128), ("scale", 4096), ("temperature", 512))
+MODELS = (
+    ("weight-norm", 512),
+    ("weight-norm", 128),
+    ("weight-norm", 32),
+    ("scale", 4096),
+    ("scale", 1024),
+    ("temperature", 512),
+)
 
 
 def make_model(kind: str, width: int):

@@ -863,39 +863,46 @@ def test_parameter_passed_through_a_jit_call_still_has_its_rule():
     assert_stats_close(*both_backends(loss_fn, params, batch, coordinates=True))
 
 
-def normalised_mlp_setup(n=12):
-    """A weight of 130×130 = 16900 entries normalised by its column norms (no rule; more
-    than `_LARGEST_COPIED_LEAF`, so it takes the exact pass), a temperature exp(t) (no rule,
-    one entry, per-example copies in the fast pass) and two dense layers with rules."""
-    ks = keys(5)
+def normalised_mlp_setup(n=12, width=130):
+    """Two width × width weights normalised by their column norms (no rule; 16900 or 4096
+    entries, more than `_LARGEST_COPIED_LEAF`: an exact pass of their own; 16900 is also
+    more than `_WIDEST_REDUCED_ROW`, which takes the pass's sums through other paths), a
+    temperature exp(t) (no rule, one entry: per-example copies in the fast pass) and two
+    dense layers with rules."""
+    ks = keys(6)
+    scale = np.sqrt(width)
     params = {
-        "w1": jax.random.normal(ks[0], (6, 130)) / 3,
-        "v": jax.random.normal(ks[1], (130, 130)) / 11,
+        "w1": jax.random.normal(ks[0], (6, width)) / 3,
+        "v": jax.random.normal(ks[1], (width, width)) / scale,
+        "u": jax.random.normal(ks[5], (width, width)) / scale,
         "t": jnp.array(0.3),
-        "w3": jax.random.normal(ks[2], (130, 4)) / 11,
+        "w3": jax.random.normal(ks[2], (width, 4)) / scale,
     }
     batch = {"x": jax.random.normal(ks[3], (n, 6)), "y": jax.random.randint(ks[4], (n,), 0, 4)}
 
     def loss_fn(p, b):
-        v = p["v"] / jnp.linalg.norm(p["v"], axis=0, keepdims=True)
-        h = jnp.tanh(jnp.tanh(b["x"] @ p["w1"]) @ v)
+        h = jnp.tanh(b["x"] @ p["w1"])
+        for name in ("v", "u"):
+            h = jnp.tanh(h @ (p[name] / jnp.linalg.norm(p[name], axis=0, keepdims=True)))
         return optax_xent(h @ p["w3"] * jnp.exp(p["t"]), b["y"])
 
     return params, batch, loss_fn
 
 
+@pytest.mark.parametrize("width", [64, 130])
 @pytest.mark.parametrize("coordinates", [True, False])
-def test_wide_and_small_fallback_leaves_match_float64_brute_force(coordinates):
-    """Each fallback way (the wide leaf's exact pass, the scalar's copies) next to the
+def test_wide_and_small_fallback_leaves_match_float64_brute_force(coordinates, width):
+    """Each fallback way (the wide leaves' exact pass, the scalar's copies) next to the
     rules, on a batch with a NaN padding row, against a float64 loop over examples."""
-    params, batch, loss_fn = normalised_mlp_setup()
+    params, batch, loss_fn = normalised_mlp_setup(width=width)
     report = fast_stats_report(loss_fn, params, batch)
-    assert report["['v']"].startswith("fallback") and report["['t']"].startswith("fallback")
+    assert report["['v']"].endswith("(exact pass)") and report["['u']"].endswith("(exact pass)")
+    assert report["['t']"] == "fallback: used by `exp`"
     assert report["['w1']"] == report["['w3']"] == "dense"
     mask = jnp.ones(12, bool).at[5].set(False)
     batch = {"x": batch["x"].at[5].set(jnp.nan), "y": batch["y"]}
     fast_module._WARNED.clear()
-    with pytest.warns(UserWarning, match=r"params\['t'\].*params\['v'\]"):
+    with pytest.warns(UserWarning, match=r"params\['t'\].*params\['u'\].*params\['v'\]"):
         stats = per_example_stats(loss_fn, backend="fast", coordinates=coordinates)(
             params, batch, mask
         )
@@ -911,6 +918,7 @@ def test_wide_and_small_fallback_leaves_match_float64_brute_force(coordinates):
         per_example = np.stack([np.asarray(g[name]) for g in grads])
         want = per_example.sum(0)
         scale = np.abs(want).max()
+        assert stats.grad_sum[name].dtype == jnp.float32
         np.testing.assert_allclose(stats.grad_sum[name], want, atol=RTOL * scale, err_msg=name)
         squares = (per_example**2).sum(0)
         if coordinates:
@@ -924,19 +932,55 @@ def test_wide_and_small_fallback_leaves_match_float64_brute_force(coordinates):
     assert float(stats.count) == 11
 
 
-def test_wide_fallback_leaf_all_padding_microbatches_and_devices():
-    """The exact pass of a wide fallback leaf: zeros for an all-NaN all-padding batch, the
-    same sums in micro-batches (the last one padded), summed over 4 devices inside
-    ``shard_map``, and on a batch sharded over 8 devices with explicit mesh axes."""
-    params, batch, loss_fn = normalised_mlp_setup(n=8)
+def test_fallback_leaf_takes_the_exact_pass_from_one_entry_above_the_bound():
+    """Leaves of `_LARGEST_COPIED_LEAF` and one more entries, used through ``tanh``: the
+    report names the way, and both ways equal the exact backend."""
+    bound = fast_module._LARGEST_COPIED_LEAF
+    ks = keys(4)
+    params = {
+        "a": 0.01 * jax.random.normal(ks[0], (bound,)),
+        "b": 0.01 * jax.random.normal(ks[1], (bound + 1,)),
+        "w": jax.random.normal(ks[2], (5, 3)),
+    }
+
+    def loss_fn(p, x):
+        shift = x[:, 0] * jnp.sum(jnp.tanh(p["a"])) + x[:, 1] * jnp.sum(jnp.tanh(p["b"]))
+        return jnp.sum((x @ p["w"]) ** 2, axis=-1) + shift**2
+
+    x = jax.random.normal(ks[3], (7, 5))
+    report = fast_stats_report(loss_fn, params, x)
+    assert report == {
+        "['a']": "fallback: used by `tanh`",
+        "['b']": "fallback: used by `tanh` (exact pass)",
+        "['w']": "dense",
+    }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        stats_fn = per_example_stats(loss_fn, backend="fast", coordinates=True)
+        for coordinates in (False, True):
+            assert_stats_close(*both_backends(loss_fn, params, x, coordinates=coordinates))
+
+
+@pytest.mark.parametrize("coordinates", [True, False])
+def test_wide_fallback_leaves_all_padding_microbatches_and_devices(coordinates):
+    """The exact pass of wide fallback leaves: zeros for an all-NaN all-padding batch, the
+    same sums in micro-batches (the last one padded), summed over 4 devices inside
+    ``shard_map``, on a batch sharded over 8 devices with explicit mesh axes, and
+    ``backend="auto"`` silent and equal to the exact backend."""
+    params, batch, loss_fn = normalised_mlp_setup(n=8)
+    vmap = per_example_stats(loss_fn, backend="vmap", coordinates=coordinates)(params, batch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        auto = per_example_stats(loss_fn, coordinates=coordinates)(params, batch)
+    assert_stats_close(vmap, auto)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stats_fn = per_example_stats(loss_fn, backend="fast", coordinates=coordinates)
         nan_batch = {"x": jnp.full_like(batch["x"], jnp.nan), "y": batch["y"]}
         for leaf in jax.tree.leaves(stats_fn(params, nan_batch, jnp.zeros(8))):
             np.testing.assert_array_equal(np.asarray(leaf), 0.0)
-        vmap = per_example_stats(loss_fn, backend="vmap", coordinates=True)(params, batch)
-        micro = per_example_stats(loss_fn, backend="fast", coordinates=True, microbatch_size=3)
+        micro = per_example_stats(
+            loss_fn, backend="fast", coordinates=coordinates, microbatch_size=3
+        )
         assert_stats_close(vmap, micro(params, batch))
         mesh = jax.make_mesh((4,), ("data",), devices=jax.devices()[:4])
         sharded = jax.device_put(batch, NamedSharding(mesh, PartitionSpec("data")))
@@ -946,15 +990,14 @@ def test_wide_fallback_leaf_all_padding_microbatches_and_devices():
         assert_stats_close(vmap, stats_fn(params, sharded))
 
 
-def test_wide_fallback_leaf_holds_no_per_example_copies_with_coordinates():
-    """Per-example copies of the wide leaf as inputs of the fast pass, plus their
-    gradients, held about 3 leaves per example with coordinates (48.7 leaves at B = 16);
-    its exact pass, where ``jax.vmap`` reads the leaf once, about 2 (33.8). Compiled
-    temporary memory, not timed."""
+def test_wide_fallback_leaves_hold_no_per_example_copies_with_coordinates():
+    """Per-example copies of the wide leaves as inputs of the fast pass, plus their
+    gradients, held about 3 leaves per example with coordinates; their exact pass, where
+    ``jax.vmap`` reads each leaf once, about 2. Compiled temporary memory, not timed."""
     params, batch, loss_fn = normalised_mlp_setup(n=16)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         stats_fn = per_example_stats(loss_fn, backend="fast", coordinates=True)
         compiled = stats_fn.lower(params, batch, jnp.ones(16)).compile()
-    leaf_bytes = params["v"].size * 4
-    assert compiled.memory_analysis().temp_size_in_bytes < 2.5 * 16 * leaf_bytes
+    leaves_bytes = (params["v"].size + params["u"].size) * 4
+    assert compiled.memory_analysis().temp_size_in_bytes < 2.5 * 16 * leaves_bytes

@@ -81,15 +81,24 @@ _WARNED: set = set()
 # Fallback leaves of more entries than this take an exact pass of their own
 # (`_exact_pass`), smaller ones per-example copies in the fast pass. Measured by
 # `benchmarks/fallback.py` (time / plain gradient's at B = 64 / 256, interleaved in one
-# process, copies -> pass): a weight normalised by its column norms, 512×512, norms only
-# 58 / 90x -> 25 / 72x and with coordinates 26 / 58x -> 19 / 49x, memory 380x -> 256x;
-# 128×128, 3.8 / 22x -> 3.1 / 16x and 4.3 / 24x -> 4.0 / 17x, memory 95x -> 72x (with
-# glibc told to keep freed memory, 3.7 / 10x -> 3.0 / 7.6x and 4.0 / 11x -> 3.8 / 9.7x:
-# the copies' larger temporaries were also faulted in again on some calls). A vector of
-# 4096 features that meets the batch elementwise (exp(s) ⊙ h) pays for the pass: 1.26 /
-# 1.28x -> 1.38 / 1.40x with coordinates, memory 1.34 / 1.39x -> 1.67 / 1.72x; a scalar
-# 1.37 / 1.42x -> 1.41 / 1.45x.
+# process, copies -> pass). A weight normalised by its column norms: 512×512, norms only
+# 74 / 90x -> 33 / 72x, with coordinates 35 / 61x -> 27 / 46x, memory with coordinates
+# 383x -> 256x at B = 256 (norms only 383x either way); 128×128, 3.5 / 24x -> 3.0 / 17x
+# and 4.0 / 25x -> 3.8 / 20x, memory 94x -> 71x; with glibc told to keep freed memory,
+# 3.5 / 9.5x -> 3.0 / 7.5x and 3.9 / 10.5x -> 3.8 / 9.7x (the copies' larger temporaries
+# were also faulted in again on some calls); 32×32, the same time either way (1.9 /
+# 2.4x, 2.2–2.3 / 3.1–3.2x), memory 21.5x -> 15.9x. A vector that meets the batch
+# elementwise (exp(s) ⊙ h) pays for the pass: 1024 features, 1.00 / 1.00x -> 1.08 /
+# 1.06x and 1.13 / 1.24x -> 1.39 / 1.51x, memory with coordinates 1.4x -> 1.7x; 4096
+# features, with coordinates 1.25 / 1.29x -> 1.37 / 1.39x. A scalar: 1.01–1.04x either
+# way, with coordinates 1.33 / 1.42x -> 1.35 / 1.45x. Leaves of up to 1024 entries
+# therefore keep the copies; a vector above the bound pays a little.
 _LARGEST_COPIED_LEAF = 1024
+
+
+def _takes_exact_pass(leaf) -> bool:
+    """Whether a fallback leaf gets its statistics from `_exact_pass` (else copies)."""
+    return jnp.size(leaf) > _LARGEST_COPIED_LEAF
 
 
 def build_plan(loss_fn, params: PyTree, batch: PyTree, *, coordinates: bool) -> Plan:
@@ -165,7 +174,7 @@ def _sums(plan: Plan, coordinates: bool, params, batch, mask, *, loss_fn):
     paths = list(plan.sites)
     tapped = [p for p in paths if uses_tap(plan.sites[p], coordinates)]
     perturbed = [p for p in paths if p not in tapped]
-    exact = [i for i in sorted(plan.fallback) if jnp.size(leaves[i]) > _LARGEST_COPIED_LEAF]
+    exact = [i for i in sorted(plan.fallback) if _takes_exact_pass(leaves[i])]
     fallback = [i for i in sorted(plan.fallback) if i not in exact]
     reference = jax.tree.leaves(batch)[0]
     batch_size = jnp.shape(reference)[0]
@@ -314,9 +323,11 @@ def _exact_pass(loss_fn, leaves, treedef, exact, batch, mask, coordinates: bool)
     by its column norms: B normalisations, then B matrix-vector products in place of
     one matrix product), where ``jax.vmap`` of the gradient computes what depends on
     the parameters alone once. The price is one more forward and backward pass over the
-    batch, which XLA may merge with the fast pass where both compute the same values:
-    for a temperature of the logits (`benchmarks/fallback.py`) the compiled program had
-    the same 13 / 18 large matrix products either way (norms only / with coordinates).
+    batch (two backward passes on XLA:CPU for leaves of more than 16384 entries, norms
+    only: `_vmap._norm_sums`), which XLA may merge with the fast pass where both compute
+    the same values: for a temperature of the logits (`benchmarks/fallback.py`) the
+    compiled program had the same 13 / 18 large matrix products either way (norms only /
+    with coordinates).
     Measured in the note of `_LARGEST_COPIED_LEAF`.
     """
 
@@ -386,7 +397,9 @@ def fast_stats_report(loss_fn, params: PyTree, batch: PyTree, *, coordinates: bo
     that every iteration of a ``lax.scan`` reads whole: RNNs), ``"tied-lookup"`` (a table
     read by a lookup and by one dense layer: tied embeddings), ``"shared-products"`` (a
     leaf linear at several sites otherwise), ``"unused"``, or
-    ``"fallback: <reason>"`` (exact per-example gradients for that leaf).
+    ``"fallback: <reason>"`` (exact per-example gradients for that leaf, from per-example
+    copies of it in the fast pass), ``"fallback: <reason> (exact pass)"`` for a leaf of
+    more than `_LARGEST_COPIED_LEAF` entries (from a pass of its own, `_exact_pass`).
 
     Example:
       >>> import jax.numpy as jnp
@@ -399,7 +412,9 @@ def fast_stats_report(loss_fn, params: PyTree, batch: PyTree, *, coordinates: bo
     """
     plan = build_plan(loss_fn, params, batch, coordinates=coordinates)
     rules = {site.view.leaf: site.rule for site in plan.sites.values()}
-    rules.update({i: f"fallback: {why}" for i, why in plan.fallback.items()})
+    leaves = jax.tree.leaves(params)
+    for i, why in plan.fallback.items():
+        rules[i] = f"fallback: {why}" + (" (exact pass)" if _takes_exact_pass(leaves[i]) else "")
     rules.update({i: "unused" for i in plan.unused})
     paths = [jax.tree_util.keystr(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     return {path: rules[i] for i, path in enumerate(paths)}
