@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from adaptive_batch.stats._grad_stats import GradStats
 from adaptive_batch.stats._row_sums import _WIDEST_REDUCED_ROW, on_cpu, row_sums
@@ -77,14 +78,16 @@ def vmap_sums(loss_fn, params: PyTree, batch: PyTree, mask: jax.Array, *, coordi
 def _norm_sums(loss_fn, params, batch, mask, grads):
     """(Σᵢ mᵢgᵢ, Σᵢ mᵢ‖gᵢ‖²) of the per-example gradients ``grads`` of ``batch``.
 
-    By default from the masked rows: the mask, the squares and both sums fuse. On
-    XLA:CPU, when a leaf has per-example gradients of more than `_WIDEST_REDUCED_ROW`
+    On XLA:CPU from the masked rows: the mask, the squares and both sums fuse. There,
+    when a leaf has per-example gradients of more than `_WIDEST_REDUCED_ROW`
     entries, Σᵢ mᵢgᵢ is the gradient of Σᵢ mᵢℓᵢ instead: one more backward pass, over the
     batch with real rows standing in for the padding (`with_real_rows`), as a ``where``
     does not stop a NaN of a padding row in a backward pass.
     XLA:CPU's own sum over the batch axis of such rows is slow (`row_sums`), and the
     other fast sums doubled the memory, as the per-example gradients then had two
     readers (MLP 40-512-512-10 at B = 64: 64.5 MB -> 128.5-131 MB).
+    On other platforms Σᵢ mᵢgᵢ and Σᵢ mᵢgᵢ⊙gᵢ are column sums (`row_sums`), and
+    Σᵢ mᵢ‖gᵢ‖² the total of the second (``by_columns``).
     """
 
     def of_rows(grads):
@@ -103,9 +106,22 @@ def _norm_sums(loss_fn, params, batch, mask, grads):
         sq_norms = sum(_row_square_norms(g) for g in jax.tree.leaves(grads))
         return grad_sum, jnp.sum(jnp.where(mask, sq_norms, 0))
 
+    def by_columns(grads):
+        # Other platforms: Σᵢ gᵢ⊙gᵢ first, as with coordinates, then its total. XLA:GPU
+        # fused Σᵢ gᵢ (a sum over rows) with the ‖gᵢ‖² (sums within rows) of `of_rows`
+        # into kernels that took over a minute to compile for the benchmark MLP at
+        # B = 256 and failed with CUDA_ERROR_MISALIGNED_ADDRESS at B = 1024 (H100, jax
+        # 0.11.2). Column sums alone ran at B = 1024 (6 s to compile) but still compiled
+        # for over 40 s at B = 256. The barrier keeps XLA from folding the total back
+        # into the squares' reduction, which makes the program the one with coordinates
+        # (2-3 s to compile at both sizes); on a GPU that is not yet measured.
+        sums = lax.optimization_barrier([row_sums(g, mask=mask) for g in jax.tree.leaves(grads)])
+        grad_sum = jax.tree.unflatten(jax.tree.structure(grads), [s[0] for s in sums])
+        return grad_sum, sum((jnp.sum(s[1]) for s in sums), jnp.zeros(()))
+
     if all(math.prod(g.shape[1:]) <= _WIDEST_REDUCED_ROW for g in jax.tree.leaves(grads)):
-        return of_rows(grads)
-    return on_cpu(by_backward, of_rows, grads)
+        return on_cpu(of_rows, by_columns, grads)
+    return on_cpu(by_backward, by_columns, grads)
 
 
 def _row_square_norms(g):
