@@ -86,7 +86,11 @@ def ratios_to_plain(compiled: dict, args, budget_s: float) -> dict:
 
 def temp_bytes(fn, *args) -> int:
     """Temporary memory XLA allocates for one call of ``jax.jit(fn)(*args)``."""
-    compiled = jax.jit(fn).lower(*args).compile()
+    return compiled_temp_bytes(jax.jit(fn).lower(*args).compile())
+
+
+def compiled_temp_bytes(compiled) -> int:
+    """Temporary memory XLA allocates for one call of a compiled function."""
     analysis = compiled.memory_analysis()
     return int(getattr(analysis, "temp_size_in_bytes", 0)) if analysis is not None else 0
 

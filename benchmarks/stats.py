@@ -8,7 +8,9 @@ For an MLP 40-512-512-10 and the MNIST-1D CNN at batch sizes 64, 256 and 1024, t
 * coords  — the same with ``coordinates=True`` (also Σ gᵢ⊙gᵢ),
 * chunked — norms with ``microbatch_size=64`` (memory bounded by 64 × params),
 
-each reported as a ratio to plain measured in the same run. These are the baseline
+each reported as a ratio to plain measured in the same run, and the seconds each takes
+to compile (on an H100, XLA:GPU once took over a minute for the norms of the MLP at
+B = 256: README, "The exact backend on a GPU"). These are the baseline
 figures the fast backend has to beat. Last line: a JSON object with the headline
 ratios.
 
@@ -22,13 +24,14 @@ import argparse
 import functools
 import json
 import sys
+import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import median_seconds, print_table, temp_bytes
+from _common import compiled_temp_bytes, median_seconds, print_table
 
 import adaptive_batch as ab
 
@@ -114,9 +117,12 @@ def main(argv=None):
             }
             row = {"model": model_name, "B": b}
             for name, fn in fns.items():
-                seconds = median_seconds(jax.jit(fn), params, batch, repeats=repeats)
+                start = time.perf_counter()
+                compiled = jax.jit(fn).lower(params, batch).compile()
+                row[f"{name}_compile_s"] = time.perf_counter() - start
+                seconds = median_seconds(compiled, params, batch, repeats=repeats)
                 row[f"{name}_ms"] = 1e3 * seconds
-                row[f"{name}_mem_MiB"] = temp_bytes(fn, params, batch) / 2**20
+                row[f"{name}_mem_MiB"] = compiled_temp_bytes(compiled) / 2**20
             for name in ("norms", "coords", "chunked"):
                 row[f"{name}/plain"] = row[f"{name}_ms"] / row["plain_ms"]
                 row[f"{name}_mem/plain"] = row[f"{name}_mem_MiB"] / max(row["plain_mem_MiB"], 1e-9)
@@ -137,12 +143,15 @@ def main(argv=None):
         rows,
         ["model", "B", "plain_mem_MiB", "norms_mem/plain", "coords_mem/plain", "chunked_mem/plain"],
     )
+    print()  # seconds to compile: XLA:GPU once took minutes for the norms (README)
+    print_table(rows, ["model", "B", *(f"{name}_compile_s" for name in fns)])
     headline = {
         f"{r['model']}_B{r['B']}": {
             "norms_time_ratio": round(r["norms/plain"], 2),
             "coords_time_ratio": round(r["coords/plain"], 2),
             "chunked_time_ratio": round(r["chunked/plain"], 2),
             "norms_mem_ratio": round(r["norms_mem/plain"], 2),
+            "norms_compile_s": round(r["norms_compile_s"], 1),
             "chunked_mem_ratio": round(r["chunked_mem/plain"], 2),
         }
         for r in rows
