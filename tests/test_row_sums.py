@@ -88,10 +88,20 @@ def _wide_problem():
     return loss_fn, params, (x, y), mask
 
 
+@pytest.fixture(params=["cpu", "elsewhere"])
+def norms_route(request, monkeypatch):
+    """The exact backend's norms-only route of XLA:CPU, or that of other platforms
+    (`_vmap._norm_sums`, ``by_columns``) forced here on the CPU."""
+    if request.param == "elsewhere":
+        monkeypatch.setattr(_vmap, "on_cpu", lambda on_xla_cpu, elsewhere, *a: elsewhere(*a))
+    return request.param
+
+
 @pytest.mark.parametrize("coordinates", [True, False])
-def test_exact_backend_with_wide_leaves_matches_brute_force(coordinates):
+def test_exact_backend_with_wide_leaves_matches_brute_force(coordinates, norms_route):
     """Coordinates: the wide rows go through the row loop. Norms: on XLA:CPU, Σgᵢ is the
-    gradient of the masked loss sum, over real rows standing in for the NaN padding."""
+    gradient of the masked loss sum, over real rows standing in for the NaN padding;
+    elsewhere, column sums as with coordinates."""
     loss_fn, params, (x, y), mask = _wide_problem()
     stats_fn = per_example_stats(loss_fn, backend="vmap", coordinates=coordinates)
     stats = stats_fn(params, (x, y), mask)
@@ -117,7 +127,7 @@ def test_exact_backend_with_wide_leaves_matches_brute_force(coordinates):
 
 
 @pytest.mark.parametrize("coordinates", [True, False])
-def test_exact_backend_with_wide_leaves_gives_zeros_for_all_padding(coordinates):
+def test_exact_backend_with_wide_leaves_gives_zeros_for_all_padding(coordinates, norms_route):
     """No real row to stand in for the NaN padding: zeros, not NaN."""
     loss_fn, params, (x, y), _ = _wide_problem()
     x = jnp.full_like(x, jnp.nan)
@@ -166,32 +176,3 @@ def test_exact_norms_off_cpu_sum_columns_behind_a_barrier():
         return exported.mlir_module().count("stablehlo.optimization_barrier")
 
     assert (barriers("cpu"), barriers("cuda")) == (0, 1)
-
-
-@pytest.mark.parametrize("all_padding", [False, True])
-def test_exact_norms_off_cpu_match_brute_force(monkeypatch, all_padding):
-    """The route of other platforms (`_vmap._norm_sums`, ``by_columns``), run here on the
-    CPU, against brute-force gradients: a NaN padding row stays out, and a batch of
-    padding alone gives zeros."""
-    monkeypatch.setattr(_vmap, "on_cpu", lambda on_xla_cpu, elsewhere, *args: elsewhere(*args))
-    loss_fn, params, (x, y), mask = _wide_problem()
-    if all_padding:
-        x, mask = jnp.full_like(x, jnp.nan), jnp.zeros_like(mask)
-    stats = per_example_stats(loss_fn, backend="vmap")(params, (x, y), mask)
-    if all_padding:
-        for leaf in jax.tree.leaves(stats):
-            np.testing.assert_array_equal(np.asarray(leaf), 0.0)
-        return
-    grads = [
-        jax.grad(lambda p, i=i: loss_fn(p, (x[i : i + 1], y[i : i + 1]))[0])(params)
-        for i in range(12)
-        if mask[i]
-    ]
-    for name in params:
-        per_example = np.stack([np.asarray(g[name], np.float64) for g in grads])
-        scale = np.abs(per_example.sum(0)).max()
-        np.testing.assert_allclose(
-            stats.grad_sum[name], per_example.sum(0), rtol=1e-4, atol=1e-5 * scale
-        )
-    total = sum((np.stack([g[n] for g in grads]).astype(np.float64) ** 2).sum() for n in params)
-    np.testing.assert_allclose(stats.sq_norm_sum, total, rtol=1e-5)
