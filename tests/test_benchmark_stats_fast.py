@@ -72,3 +72,30 @@ def test_bad_arguments_are_refused_with_the_value(bench, monkeypatch, capsys, ar
     with pytest.raises(SystemExit):
         bench.main()
     assert message in capsys.readouterr().err
+
+
+def test_per_example_gradients_baseline_gives_the_exact_backends_sums(bench):
+    """The benchmark's direct per-example-gradient column must time the same statistics
+    as the exact backend (else its ratio to the fast backend compares unlike work)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from adaptive_batch.stats import per_example_stats
+
+    params, loss_fn, make_batch = bench.mlp(jax.random.key(0))
+    batch = make_batch(jax.random.key(1), 6)
+    mask = jnp.array([1.0, 1.0, 0.0, 1.0, 0.0, 1.0])
+    grad_sum, sq_norm_sum = bench.per_example_gradients(loss_fn)(params, batch, mask)
+    want = per_example_stats(loss_fn, backend="vmap")(params, batch, mask)
+    np.testing.assert_allclose(sq_norm_sum, want.sq_norm_sum, rtol=1e-5)
+    for got, ref in zip(jax.tree.leaves(grad_sum), jax.tree.leaves(want.grad_sum), strict=True):
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_the_vmap_target_is_reported_against_both_baselines(bench):
+    row = _row("mlp", 256, 3.0, 1.0, 1.3, 1.3)
+    row.update(fast_mem_x=1.0, vmap_over_fast=15.0, grads_over_fast=45.0)
+    met = bench.targets_met([row])
+    assert not met["mlp_b256_vmap_over_fast_ge_20"]
+    assert met["mlp_b256_grads_over_fast_ge_20"]
