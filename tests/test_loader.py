@@ -297,6 +297,7 @@ def test_errors_in_the_prefetch_thread_reach_the_caller():
 # ---------------------------------------------------------------------------- placement
 
 
+@pytest.mark.devices(8)
 @pytest.mark.parametrize("prefetch", [0, 2])
 def test_sharded_placement_over_eight_devices(prefetch):
     assert jax.device_count() == 8
@@ -317,6 +318,7 @@ def test_sharded_placement_over_eight_devices(prefetch):
             loader.next(BatchPlan(10, 12))
 
 
+@pytest.mark.devices(8)
 def test_two_dimensional_mesh_shards_the_batch_axis_only():
     mesh = jax.make_mesh((4, 2), ("data", "model"))
     sharding = NamedSharding(mesh, P("data", None))

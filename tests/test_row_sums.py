@@ -137,6 +137,7 @@ def test_exact_backend_with_wide_leaves_gives_zeros_for_all_padding(coordinates,
         np.testing.assert_array_equal(np.asarray(leaf), 0.0)
 
 
+@pytest.mark.devices(8)
 def test_exact_backend_norms_of_wide_leaves_sum_over_devices():
     """The backward pass for Σgᵢ of wide leaves inside ``shard_map``: per-device sums that
     add up, over 8 devices, to the whole batch's (no psum of its own)."""

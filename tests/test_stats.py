@@ -281,6 +281,7 @@ def test_stats_of_a_batch_are_the_sum_over_any_split(part):
     assert_fields_close(as_flat_dict(sum(pieces)), as_flat_dict(whole), rtol=2e-6)
 
 
+@pytest.mark.devices(8)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sum_of_sliced_parts_equals_whole_and_psum_over_devices(backend):
     loss_fn, params, batch = make_problem("mlp", n=16)

@@ -443,6 +443,7 @@ def test_weight_used_by_two_dense_layers_sums_per_example_products():
         assert_stats_close(*both_backends(loss_fn, params, batch, coordinates=coordinates))
 
 
+@pytest.mark.xla_cpu
 def test_tied_embedding_needs_no_per_example_table_per_row():
     """The fallback held B per-example gradients of the table (32 tables' worth here),
     ``shared-products`` those of one chunk of examples (1.6 / 2.5 tables, norms / with
@@ -487,10 +488,9 @@ def test_auto_backend_silent_and_equal():
     assert_stats_close(per_example_stats(tied_loss, backend="vmap")(params, batch), auto)
 
 
+@pytest.mark.devices(8)
 def test_batch_sharded_over_devices():
     devices = jax.devices()
-    if len(devices) < 2:
-        pytest.fail("conftest sets 8 CPU devices; got one")
     mesh = jax.make_mesh((len(devices),), ("data",))
     params, batch = mlp_params(), mlp_batch(n=2 * len(devices))
     sharded = jax.device_put(batch, NamedSharding(mesh, PartitionSpec("data")))
@@ -511,6 +511,7 @@ def summed_over_shard_map(stats_fn, mesh):
     )
 
 
+@pytest.mark.devices(4)
 def test_inside_shard_map_sums_per_device_then_psum():
     mesh = jax.make_mesh((4,), ("data",), devices=jax.devices()[:4])
     params, batch = mlp_params(), mlp_batch(n=8)
@@ -522,6 +523,7 @@ def test_inside_shard_map_sums_per_device_then_psum():
     assert_stats_close(vmap, fast)
 
 
+@pytest.mark.devices(8)
 def test_tied_lookup_inside_shard_map_and_sharded():
     """The tied table's cross terms on each device's rows, then summed over devices; and
     on a batch sharded over 8 devices (one row each) under jit."""
@@ -762,6 +764,7 @@ def test_squares_are_summed_by_row_blocks_on_cpu_only():
     assert loops("cuda") == 0
 
 
+@pytest.mark.devices(8)
 def test_per_example_products_go_example_by_example_on_cpu_only():
     """A dense weight shared over positions, with coordinates (rule ``dense-products``):
     on XLA:CPU one matrix product per example in a loop for weights of 64·64 entries or
@@ -960,6 +963,7 @@ def test_fallback_leaf_takes_the_exact_pass_from_one_entry_above_the_bound():
             assert_stats_close(*both_backends(loss_fn, params, x, coordinates=coordinates))
 
 
+@pytest.mark.devices(8)
 @pytest.mark.parametrize("coordinates", [True, False])
 def test_wide_fallback_leaves_all_padding_microbatches_and_devices(coordinates):
     """The exact pass of wide fallback leaves: zeros for an all-NaN all-padding batch, the

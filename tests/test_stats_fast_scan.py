@@ -305,6 +305,7 @@ def test_scan_rules_with_masked_nan_padding_and_microbatches(case, reverse):
     )
 
 
+@pytest.mark.devices(8)
 def test_recurrent_weights_on_an_all_padding_batch_and_sharded():
     params, batch = rnn_params(), rnn_batch(8)
     assert_fast_without_fallback(rnn_loss(), params, batch, jnp.zeros(8))
@@ -436,6 +437,7 @@ def test_lstm_gates_pass_their_shared_inputs_out_of_the_loop_once():
     assert len({s.loop_sources.delta for s in cell_sites}) == 4  # one per gate
 
 
+@pytest.mark.xla_cpu
 def test_an_rnn_cell_passes_one_signal_out_of_the_loop():
     """Memory of the Elman RNN, norms only: x, h and one δ of every step, not the bias's
     other operand and three δ (compiled temporary memory / plain gradient's, not timed;
@@ -509,6 +511,7 @@ def test_leaf_sliced_by_nested_scans_falls_back():
     assert_stats_close(vmap, fast)
 
 
+@pytest.mark.devices(8)
 def test_scanned_layers_batch_sharded_and_inside_shard_map():
     params, batch = stacked_params(), batch_of(16)
     mesh = jax.make_mesh((8,), ("data",))

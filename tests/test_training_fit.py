@@ -217,6 +217,7 @@ def test_fit_rejects_bad_arguments():
             ab.fit(step, state, loader, controller, steps=1)
 
 
+@pytest.mark.devices(8)
 def test_data_parallel_fit_matches_single_device_fit():
     devices = jax.device_count()  # 8 simulated CPU devices (tests/conftest.py)
     mesh = jax.make_mesh((devices,), ("data",))
@@ -273,6 +274,7 @@ def test_progress_bar_shows_the_batch_size(capsys):
     assert "batch=32/32" in shown and "loss=" in shown
 
 
+@pytest.mark.devices(2)
 def test_default_prefetch_is_off_on_the_cpu_backend_and_on_for_accelerators():
     from types import SimpleNamespace
 
