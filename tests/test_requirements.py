@@ -1,8 +1,11 @@
-"""The rules of the ``devices(n)`` and ``xla_cpu`` markers (`tests/_requirements.py`)."""
+"""The rules of the ``devices(n)`` and ``xla_cpu`` markers, and the suite's XLA flags
+(`tests/_requirements.py`)."""
+
+import os
 
 import jax
 import pytest
-from _requirements import missing_devices, off_xla_cpu
+from _requirements import FAST_COMPILE_FLAGS, missing_devices, off_xla_cpu, suite_xla_flags
 
 
 def test_enough_devices_run_anywhere():
@@ -63,3 +66,19 @@ def test_the_hook_applies_the_markers(monkeypatch):
     conftest.pytest_runtest_setup(_Item(cpu_figure))  # runs on the CPU
     monkeypatch.setattr(jax, "device_count", lambda: 2)
     conftest.pytest_runtest_setup(_Item(needs_two))
+
+
+def test_fast_compile_flags_join_the_callers_flags():
+    assert suite_xla_flags("") == " ".join(FAST_COMPILE_FLAGS)
+    devices = "--xla_force_host_platform_device_count=4"
+    assert suite_xla_flags(devices).split() == [devices, *FAST_COMPILE_FLAGS]
+
+
+def test_a_callers_optimisation_level_is_kept():
+    mine = "--xla_dump_to=/tmp/x --xla_backend_optimization_level=3"
+    assert suite_xla_flags(mine) == mine
+
+
+def test_this_run_compiles_with_a_chosen_optimisation_level():
+    """conftest set XLA_FLAGS before JAX started (or the caller chose a level)."""
+    assert "--xla_backend_optimization_level=" in os.environ["XLA_FLAGS"]
