@@ -268,6 +268,6 @@ def test_spectrum_top_eigenvalue_matches_dense_hessian(tmp_path):
             lambda x: jnp.asarray(x[:size], jnp.float64 if x.dtype.kind == "f" else x.dtype),
             dataset.train,
         )
-        hessian = jax.hessian(lambda w: jnp.mean(fns.loss_fn(unravel(w), batch)))(flat)
+        hessian = jax.jit(jax.hessian(lambda w: jnp.mean(fns.loss_fn(unravel(w), batch))))(flat)
         dense_top = np.linalg.eigvalsh(np.asarray(hessian))[-1]
     assert result["top_eigenvalue"] == pytest.approx(dense_top, rel=1e-3)

@@ -6,6 +6,8 @@ deviations computed exactly from the dense Hessian (a Rademacher quadratic form 
 variance 2 Σ_{i≠j} A_ij²), so they fail by chance with probability < 1e-6.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,9 +61,15 @@ def dense_hessian(loss_fn, params, batch, mask=None):
             lambda x: jnp.asarray(x, jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x,
             batch,
         )
-        flat, unravel = ravel_pytree(params64)
-        hessian = jax.hessian(lambda x: mean_loss(loss_fn, unravel(x), batch64, mask))(flat)
-        return np.asarray(hessian, np.float64)
+        return np.asarray(_compiled_hessian(loss_fn, params64, batch64, mask), np.float64)
+
+
+# Compiled whole, once per loss and shapes: op by op, jax.hessian compiled ~140 small
+# programs of its own for each new shape.
+@functools.partial(jax.jit, static_argnums=0)
+def _compiled_hessian(loss_fn, params, batch, mask):
+    flat, unravel = ravel_pytree(params)
+    return jax.hessian(lambda x: mean_loss(loss_fn, unravel(x), batch, mask))(flat)
 
 
 def numpy_lanczos(h, start, m):
@@ -95,7 +103,7 @@ def test_hvp_matches_central_finite_differences_and_dense_hessian():
         v = jax.tree.map(lambda p: jax.random.normal(jax.random.key(7), p.shape, p.dtype), params)
         product = ravel_pytree(hvp(mlp_loss, params, batch, v))[0]
 
-        grad_fn = jax.grad(lambda p: mean_loss(mlp_loss, p, batch))
+        grad_fn = jax.jit(jax.grad(lambda p: mean_loss(mlp_loss, p, batch)))
         eps = 1e-5
         plus = jax.tree.map(lambda p, d: p + eps * d, params, v)
         minus = jax.tree.map(lambda p, d: p - eps * d, params, v)
