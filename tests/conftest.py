@@ -5,12 +5,12 @@ must be set before JAX creates its backends, hence at conftest import. On a GPU 
 JAX shows the real devices instead: tests marked ``devices(n)`` or ``xla_cpu`` are then
 skipped with how to run them (`tests/_requirements.py`).
 
-Most of the suite's time is compiling (452 of 754 s in one run, many programs compiled
-once each), so XLA's LLVM back end runs unoptimised here (`suite_xla_flags`). That
-moves float32 results in their last bits only (per-example statistics of an NNX CNN:
-at most 2e-7 of each field's largest entry) and leaves the compiled HLO, which the
-memory tests read, as it is. Setting ``--xla_backend_optimization_level`` in ``XLA_FLAGS``
-yourself keeps your value.
+Most of the suite's time is compiling (452 of 754 s in one run, timing every call of
+XLA's compiler; few programs compile twice), so XLA's LLVM back end runs unoptimised
+here (`suite_xla_flags`). That moves float32 results in their last bits only
+(per-example statistics of an NNX CNN: at most 2e-7 of each field's largest entry) and
+leaves the compiled HLO, which the memory tests read, as it is. Setting
+``--xla_backend_optimization_level`` in ``XLA_FLAGS`` yourself keeps your value.
 """
 
 import os
