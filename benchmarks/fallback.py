@@ -25,9 +25,9 @@ after them. Time is the median over rounds of the ratio within a round; memory t
 compiled temporary buffers, as a ratio to the plain gradient's.
 
 Temporaries of tens of MB: glibc may hand them back to the system after each call and
-fault their pages in again on the next (see the README's RNN notes), which can
-dominate these times. To compare the computations alone, run with
-``MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296``.
+fault their pages in again on the next (see the recurrent weights in
+docs/fast_backend.md), which can dominate these times. To compare the computations
+alone, run with ``MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296``.
 
 Usage: ``python benchmarks/fallback.py [--quick] [--batch-sizes 64 256]``. The last
 line is a JSON object.

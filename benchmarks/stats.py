@@ -10,7 +10,7 @@ For an MLP 40-512-512-10 and the MNIST-1D CNN at batch sizes 64, 256 and 1024, t
 
 each reported as a ratio to plain measured in the same run, and the seconds each takes
 to compile (on an H100, XLA:GPU once took over a minute for the norms of the MLP at
-B = 256: README, "The exact backend on a GPU"). These are the baseline
+B = 256: benchmarks/README.md, "The exact backend on a GPU"). These are the baseline
 figures the fast backend has to beat. Last line: a JSON object with the headline
 ratios.
 
