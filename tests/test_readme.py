@@ -36,7 +36,11 @@ def test_every_readme_python_example_runs(tmp_path, monkeypatch):
     assert (tmp_path / "spectrum.png").exists()
 
 
-DOCS = [README, *README.parent.glob("docs/*.md"), *README.parent.glob("*/README.md")]
+DOCS = [  # the project's Markdown pages (not those of caches such as .pytest_cache)
+    README,
+    *README.parent.glob("docs/*.md"),
+    *(p for p in README.parent.glob("*/README.md") if not p.parent.name.startswith(".")),
+]
 
 
 def heading_anchor(heading: str) -> str:
