@@ -1,21 +1,15 @@
 """The aggregation of `benchmarks/stats_fast.py --repeats N` (the timing itself is not
 run here: benchmarks print ratios, tests do not time)."""
 
-import importlib.util
-import pathlib
 import sys
 
 import pytest
-
-_PATH = pathlib.Path(__file__).parents[1] / "benchmarks" / "stats_fast.py"
+from _benchmarks import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("stats_fast_benchmark", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("stats_fast")
 
 
 def _row(model, batch, plain_ms, fast_x, coords_x, mem_x):
