@@ -67,7 +67,8 @@ def test_train_writes_the_run_directory(tmp_path, capsys):
 
     rows = _read_jsonl(out_dir / "metrics.jsonl")
     for row in rows:
-        assert {"step", "batch_size", "loss", "examples", "wall_time", "lr"} <= row.keys()
+        assert {"step", "batch_size", "padded_size", "loss", "examples", "wall_time",
+                "learning_rate", "skipped_steps"} <= row.keys()  # fmt: skip
         assert 8 <= row["batch_size"] <= 64
     assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
     # Examples add up batch by batch and stop exactly at the budget.
@@ -211,18 +212,17 @@ def test_console_entry_point_exit_code(tmp_path):
 
 
 @pytest.mark.parametrize("name", list(METHODS))
-def test_every_method_runs_on_a_tiny_budget(name):
+def test_every_method_runs_on_a_tiny_budget(name, tmp_path):
     """Each method's optimizer and statistics fit together (a few steps, logreg)."""
-    from adaptive_batch.cli._loop import LoopConfig, run
+    from adaptive_batch.cli._run import RunConfig, run
     from adaptive_batch.datasets import make_synthetic
     from adaptive_batch.models import functional, make_model
 
     ds = make_synthetic(num_train=256, num_test=64, dim=8, num_classes=3)
     fns = functional(make_model("logreg", ds.input_shape, ds.num_classes))
-    rows = []
     # min = max: one compiled shape per method keeps this fast.
-    config = LoopConfig(METHODS[name], METHODS[name].default_lr, 8, 8, 8, 32, evals=1)
-    summary, params = run(fns, ds, config, on_row=rows.append)
+    config = RunConfig(METHODS[name], METHODS[name].default_lr, 8, 8, 8, 32, evals=1)
+    summary, rows, params = run(fns, ds, config, tmp_path, progress=False)
     assert summary["examples"] == 32 and summary["steps"] == 4 and not summary["diverged"]
     chex.assert_trees_all_equal_shapes(params, fns.params)  # the trained parameters
     assert all(np.isfinite(r["loss"]) for r in rows)

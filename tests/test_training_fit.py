@@ -159,13 +159,14 @@ def test_epoch_budget_is_exact_and_history_is_complete(lag):
     assert result.steps == len(steps) == steps[-1]["step"]
     assert steps[-1]["epoch"] == pytest.approx(1.5)
     for record in steps:
-        assert {"loss", "suggested", "wall_time", "compiles", "padded_size"} <= set(record)
+        keys = {"loss", "suggested_batch_size", "wall_time", "compiles", "padded_size"}
+        assert keys <= set(record)
         assert math.isfinite(record["loss"])
         assert record["batch_size"] <= record["padded_size"]
     # The batch of step t + 1 + lag is the controller's plan for the suggestion of step t.
     for earlier, later in zip(steps, steps[1 + lag :], strict=False):
         if later is not steps[-1]:  # the last batch may be cut to the budget
-            assert later["batch_size"] == min(max(earlier["suggested"], 8), 64)
+            assert later["batch_size"] == min(max(earlier["suggested_batch_size"], 8), 64)
     # Evaluations every 5 steps and at the end, with the state of that step.
     assert [e["step"] for e in result.history.evals] == [
         *range(5, result.steps + 1, 5),
@@ -191,7 +192,7 @@ def test_step_and_example_budgets():
     assert (result.steps, result.examples) == (3, 25)
     assert result.history.column("batch_size") == [10, 10, 5]
     assert result.history.column("padded_size") == [10, 10, 10]  # same shape, no recompile
-    assert "suggested" not in result.history.steps[0]  # sgd has no batch-size rule
+    assert "suggested_batch_size" not in result.history.steps[0]  # sgd has no batch-size rule
 
 
 def test_fit_rejects_bad_arguments():
@@ -260,7 +261,7 @@ def test_default_controller_fills_the_padding_rows_with_real_examples():
         assert record["batch_size"] == record["padded_size"]
     assert result.examples == 700 and steps[-1]["batch_size"] <= steps[-1]["padded_size"]
     # The rule sees the filled batches: it asks for 1.3 times what it got.
-    assert steps[0]["suggested"] == math.ceil(16 * 1.3)
+    assert steps[0]["suggested_batch_size"] == math.ceil(16 * 1.3)
 
 
 def test_progress_bar_shows_the_batch_size(capsys):

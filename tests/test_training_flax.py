@@ -114,7 +114,8 @@ def test_linen_loop_trains_digits(digits, method):
     assert before < 0.3 and after >= 0.9, (before, after)
     assert result.compiles <= len(result.controller.buckets)
     assert max(result.history.column("batch_size")) > 16
-    assert int(ab.suggested_batch_size(trained.opt_state)) == result.history.steps[-1]["suggested"]
+    suggested = result.history.steps[-1]["suggested_batch_size"]
+    assert int(ab.suggested_batch_size(trained.opt_state)) == suggested
 
 
 def test_nnx_step_with_plain_optax_equals_nnx_grad_update(digits):

@@ -7,12 +7,10 @@ Each method trains as ``adaptive-batch train`` would, into ``OUT/<method>/``; th
 
 from __future__ import annotations
 
-import json
-
 from adaptive_batch.cli import _resolve
 from adaptive_batch.cli._plots import compare_plots
 from adaptive_batch.cli._report import compare_table, report_markdown
-from adaptive_batch.cli._train import train_one
+from adaptive_batch.cli._train import train_one, write_json
 
 
 def compare_command(args) -> int:
@@ -41,7 +39,7 @@ def compare_command(args) -> int:
             plots=plots,
         )
     )
-    (out / "summary.json").write_text(json.dumps(summaries, indent=2, sort_keys=True) + "\n")
+    write_json(out / "summary.json", summaries)
     print(compare_table(summaries, target, markdown=False))
     print(f"report: {out / 'report.md'}")
     return 0

@@ -102,6 +102,19 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         help="reuse an --out directory that holds an earlier run (its files are replaced)",
     )  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar (it goes to stderr)")
+    hosts = p.add_argument_group(
+        "several processes (jax.distributed: one process per host; process 0 writes the files)"
+    )
+    hosts.add_argument(
+        "--num-processes", type=int, default=None, metavar="N",
+        help="processes in the run; with any of these three options the command calls "
+        "jax.distributed.initialize, which detects what is left out on a known cluster",
+    )  # fmt: skip
+    hosts.add_argument("--process-id", type=int, default=None, metavar="I", help="this one's rank")
+    hosts.add_argument(
+        "--coordinator-address", default=None, metavar="HOST:PORT",
+        help="address of process 0's coordinator",
+    )  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,6 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
         "stochastic Lanczos quadrature on 1000 training examples: OUT/spectrum.png and "
         "top_eigenvalue in summary.json",
     )  # fmt: skip
+    train.add_argument(
+        "--checkpoint-every", type=int, default=None, metavar="N",
+        help="save a checkpoint (Orbax, in OUT/checkpoints) every N steps and after the "
+        "last; a killed or interrupted run continues exactly with --resume",
+    )  # fmt: skip
+    train.add_argument(
+        "--resume", action="store_true",
+        help="continue the run in --out from its newest checkpoint; pass the same options",
+    )  # fmt: skip
     _add_common(train)
 
     compare = sub.add_parser(
@@ -163,12 +185,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _initialize_processes(args) -> None:
+    """``jax.distributed.initialize`` when any of the multi-process options is given."""
+    given = {
+        "coordinator_address": args.coordinator_address,
+        "num_processes": args.num_processes,
+        "process_id": args.process_id,
+    }
+    if all(value is None for value in given.values()):
+        return
+    if args.num_processes is not None and args.num_processes < 1:
+        raise UsageError(f"--num-processes {args.num_processes} must be >= 1.")
+    if args.process_id is not None and not 0 <= args.process_id < (args.num_processes or 2**31):
+        raise UsageError(
+            f"--process-id {args.process_id} must be in [0, --num-processes {args.num_processes})."
+        )
+    import jax
+
+    # CPU devices of several processes talk through Gloo (no effect on GPUs and TPUs).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(**given)
+    except (RuntimeError, ValueError) as error:
+        raise UsageError(
+            f"jax.distributed.initialize failed ({error}); pass --coordinator-address, "
+            "--num-processes and --process-id (JAX detects them only on known clusters)."
+        ) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``adaptive-batch`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
     prog = f"{parser.prog} {args.command}"
     try:
+        _initialize_processes(args)
         if args.command == "train":
             from adaptive_batch.cli._train import train_command
 

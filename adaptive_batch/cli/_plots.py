@@ -31,7 +31,10 @@ def _smooth(values: np.ndarray, window: int = 25) -> np.ndarray:
 
 
 def _column(rows: Rows, key: str, where: str | None = None) -> np.ndarray:
-    return np.array([r[key] for r in rows if where is None or where in r], dtype=float)
+    """``rows``' values of ``key`` (NaN where missing or null), of the rows that have
+    ``where`` if given."""
+    values = [r.get(key) for r in rows if where is None or where in r]
+    return np.array([np.nan if v is None else v for v in values], dtype=float)
 
 
 # x axes: (key in a row, axis label)
@@ -85,9 +88,10 @@ def _batch_panel(ax, rows: Rows, label: str | None = None, color=None) -> None:
 
 
 def _lr_panel(ax, rows: Rows) -> None:
-    steps, lr = _column(rows, "step"), _column(rows, "lr")
-    effective = _column(rows, "effective_lr")
-    ax.plot(steps, lr, label="--lr")
+    steps, lr = _column(rows, "step"), _column(rows, "learning_rate")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        effective = _column(rows, "update_norm") / _column(rows, "grad_norm")
+    ax.plot(steps, lr, label="learning rate")
     ax.plot(steps, effective, lw=1, label="effective: ‖update‖ / ‖ḡ‖")
     ax.set_yscale("log")
     values = np.concatenate([lr, effective])
@@ -101,9 +105,14 @@ def _lr_panel(ax, rows: Rows) -> None:
     ax.legend()
 
 
-def run_plots(rows: Rows, out: Path, title: str) -> list[Path]:
+def run_plots(rows: Rows, out: Path, title: str, write: bool = True) -> list[Path]:
     """One run's plots: loss and accuracy against examples and wall time, batch size
-    against step, learning rate against step, and ``overview.png`` with all six."""
+    against step, learning rate against step, and ``overview.png`` with all six
+    (their paths only, with ``write=False``)."""
+    if not write:
+        names = ["loss_vs_examples", "loss_vs_time", "accuracy_vs_examples",
+                 "accuracy_vs_time", "batch_size", "learning_rate", "overview"]  # fmt: skip
+        return [out / f"{name}.png" for name in names]
     plt = _pyplot()
     panels = {
         "loss_vs_examples": lambda ax: _loss_panel(ax, rows, "examples"),

@@ -50,6 +50,8 @@ def summary_table(summary: dict[str, Any]) -> str:
         ["wall time", f"{summary['wall_time_s']:.1f} s"],
         ["final batch size", f"{summary['final_batch_size']:,}"],
     ]
+    if summary.get("skipped_steps"):
+        body.append(["skipped steps (non-finite)", f"{summary['skipped_steps']:,}"])
     if "top_eigenvalue" in summary:
         body.append(["Hessian λ_max", f"{summary['top_eigenvalue']:.4g} (spectrum.png)"])
     reached = summary.get("to_target")

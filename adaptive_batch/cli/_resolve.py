@@ -123,6 +123,12 @@ def common(args) -> Options:
     )  # fmt: skip
 
 
+def checkpoint_every(value: int | None) -> int | None:
+    if value is not None:
+        _positive_int("--checkpoint-every", value)
+    return value
+
+
 def target(value: float | None) -> float | None:
     if value is not None and not 0 < value <= 1:
         raise UsageError(f"--target {value} must be a test accuracy in (0, 1], e.g. 0.9.")

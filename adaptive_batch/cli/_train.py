@@ -1,8 +1,13 @@
 """``adaptive-batch train``: one method, one run directory.
 
 The run directory holds ``config.json`` (every option, resolved, and the data set's
-provenance), ``metrics.jsonl`` (one JSON object per step), ``summary.json`` and PNG
-plots (see `adaptive_batch.cli._plots.run_plots`).
+provenance), ``metrics.jsonl`` (one JSON object per step), ``summary.json``, PNG plots
+(see `adaptive_batch.cli._plots.run_plots`) and, with ``--checkpoint-every``,
+``checkpoints/`` (Orbax), from which ``--resume`` continues the run exactly. Every JSON
+file is strict JSON: a non-finite number is written as ``null``.
+
+Exit codes: 0 done, 2 bad options, 3 diverged (non-finite steps or a non-finite loss
+of the trained parameters), 130 interrupted (Ctrl-C; checkpoint and summary written).
 """
 
 from __future__ import annotations
@@ -15,11 +20,18 @@ from pathlib import Path
 from typing import Any
 
 from adaptive_batch.cli import _resolve
-from adaptive_batch.cli._loop import LoopConfig, run
+from adaptive_batch.cli._errors import UsageError
 from adaptive_batch.cli._methods import Method
 from adaptive_batch.cli._plots import run_plots
 from adaptive_batch.cli._report import summary_table, time_to_target
+from adaptive_batch.cli._run import RunConfig, run
 from adaptive_batch.datasets import Dataset
+from adaptive_batch.training import strict_json
+
+EXIT_DIVERGED = 3
+EXIT_INTERRUPTED = 130
+#: config.json entries that may differ when resuming (they do not change the steps).
+_MAY_DIFFER = {"command", "versions", "target", "checkpoint_every", "spectrum"}
 
 
 def _versions() -> dict[str, str]:
@@ -36,10 +48,49 @@ def _versions() -> dict[str, str]:
     }  # fmt: skip
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def write_json(path: Path, obj: Any) -> None:
+    """Strict JSON (non-finite numbers as null), written atomically (temp + rename), by
+    process 0 only."""
+    import jax
+
+    if jax.process_index() != 0:
+        return
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps(strict_json(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
     tmp.replace(path)
+
+
+def check_resumable(out: Path, config: dict[str, Any]) -> None:
+    """Refuse ``--resume`` where there is nothing to resume or the options differ."""
+    from adaptive_batch.training._checkpoint import Checkpoints
+
+    saved_path = out / "config.json"
+    checkpoints = out / "checkpoints"
+    if not saved_path.exists() or not checkpoints.is_dir():
+        raise UsageError(
+            f"--resume: {out} holds no checkpoint to resume (train with --checkpoint-every N "
+            "to write them); leave out --resume to start a new run."
+        )
+    manager = Checkpoints(checkpoints)
+    try:
+        if manager.latest_step() is None:
+            raise UsageError(
+                f"--resume: {checkpoints} holds no complete checkpoint (the run stopped "
+                "before its first); leave out --resume and pass --overwrite to start again."
+            )
+    finally:
+        manager.close()
+    saved = json.loads(saved_path.read_text())
+    differ = [
+        f"{key} {saved.get(key)!r} -> {config.get(key)!r}"
+        for key in sorted(set(saved) | set(config))
+        if key not in _MAY_DIFFER and saved.get(key) != config.get(key)
+    ]
+    if differ:
+        raise UsageError(
+            f"--resume: options differ from the run in {out} ({'; '.join(differ)}); pass "
+            "that run's options, or train into a new --out."
+        )
 
 
 def train_one(
@@ -52,6 +103,8 @@ def train_one(
     progress: bool = True,
     spectrum: bool = False,
     argv: list[str] | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Train ``method`` and fill ``out`` with the run's files; return (summary, rows).
 
@@ -64,50 +117,38 @@ def train_one(
     fns = functional(model)
     lr = method.default_lr if options.lr is None else options.lr
     budget = options.budget(dataset)
-    loop_config = LoopConfig(
+    run_config = RunConfig(
         method=method, lr=lr, min_batch_size=options.min_batch_size,
         max_batch_size=options.max_batch_size, batch_size=options.batch_size,
         examples=budget, seed=options.seed, devices=options.devices, evals=options.evals,
         stats_backend=options.stats_backend, tolerance=options.eta,
-        fill_buckets=options.fill_buckets,
+        fill_buckets=options.fill_buckets, checkpoint_every=checkpoint_every, resume=resume,
     )  # fmt: skip
     import jax
 
     num_params = sum(x.size for x in jax.tree.leaves(fns.params))
+    main_process = jax.process_index() == 0
     config = {
         "command": "adaptive-batch " + " ".join(sys.argv[1:] if argv is None else argv),
         "method": method.name, "method_summary": method.summary, "adaptive": method.adaptive,
         "lr": lr, "examples_budget": budget, "target": target,
         "tolerance": method.default_tolerance if options.eta is None else options.eta,
         **{k: v for k, v in dataclasses.asdict(options).items() if k != "lr"},
+        "checkpoint_every": checkpoint_every,
         "dataset_info": {**dataset.info, "num_train": dataset.num_train,
                          "num_test": dataset.num_test, "input_shape": dataset.input_shape,
                          "num_classes": dataset.num_classes},
         "model_params": num_params, "versions": _versions(),
     }  # fmt: skip
-    _write_json(out / "config.json", config)
+    config = strict_json(config)  # tuples as lists, as config.json holds them
+    if resume:
+        check_resumable(out, config)
+    write_json(out / "config.json", config)
 
-    rows: list[dict[str, Any]] = []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(
-            total=budget, unit="ex", unit_scale=True, dynamic_ncols=True, file=sys.stderr,
-            mininterval=0.5,
-            desc=f"{method.name} {options.dataset}/{options.model}",
-        )  # fmt: skip
-    with open(out / "metrics.jsonl", "w") as metrics_file:
-
-        def on_row(row):
-            rows.append(row)
-            metrics_file.write(json.dumps(row) + "\n")
-
-        try:
-            summary, params = run(fns, dataset, loop_config, on_row=on_row, progress=bar)
-        finally:
-            if bar is not None:
-                bar.close()
+    summary, rows, params = run(
+        fns, dataset, run_config, out, progress=progress,
+        description=f"{method.name} {options.dataset}/{options.model}",
+    )  # fmt: skip
     summary = {"method": method.name, "lr": lr, "tolerance": config["tolerance"],
                "dataset": options.dataset,
                "model": options.model, **summary}  # fmt: skip
@@ -115,13 +156,13 @@ def train_one(
         summary["target"] = target
         summary["to_target"] = time_to_target(rows, target)
     title = f"{method.name} (lr {lr:g}) on {options.dataset} / {options.model}"
-    summary["plots"] = [p.name for p in run_plots(rows, out, title)]
-    if spectrum and not summary["diverged"]:
+    summary["plots"] = [p.name for p in run_plots(rows, out, title, write=main_process)]
+    if spectrum and not summary["diverged"] and main_process:
         from adaptive_batch.cli._spectrum import write_spectrum
 
         summary.update(write_spectrum(fns, params, dataset, out, seed=options.seed))
         summary["plots"].append(summary["spectrum_plot"])
-    _write_json(out / "summary.json", summary)
+    write_json(out / "summary.json", summary)
     return summary, rows
 
 
@@ -129,17 +170,37 @@ def train_command(args) -> int:
     options = _resolve.common(args)
     method = _resolve.method(args.method)
     target = _resolve.target(args.target)
+    checkpoint_every = _resolve.checkpoint_every(args.checkpoint_every)
+    if args.resume and (args.out is None or not Path(args.out).is_dir()):
+        raise UsageError(
+            f"--resume needs --out with the directory of the run to continue, got "
+            f"{args.out!r}; pass the --out of a run trained with --checkpoint-every."
+        )
     out = _resolve.out_dir(
-        args.out, f"{method.name}-{options.dataset}-{options.model}", args.overwrite
-    )
+        args.out, f"{method.name}-{options.dataset}-{options.model}",
+        args.overwrite or args.resume,
+    )  # fmt: skip
     dataset = _resolve.dataset(options)
     _resolve.make_dir(out)
     summary, _ = train_one(
         method, options, dataset, out, target=target, progress=not args.no_progress,
-        spectrum=args.spectrum,
+        spectrum=args.spectrum, checkpoint_every=checkpoint_every, resume=args.resume,
     )  # fmt: skip
+    import jax
+
+    if jax.process_index() != 0:  # process 0 reports for all
+        return EXIT_DIVERGED if summary["diverged"] else (
+            EXIT_INTERRUPTED if summary["interrupted"] else 0)  # fmt: skip
     print(summary_table(summary))
-    if summary["diverged"]:
-        print(f"warning: the loss became non-finite; try a smaller --lr than {summary['lr']:g}.")
     print(f"run directory: {out}")
+    if summary["diverged"]:
+        print(
+            f"diverged: {summary['diverged_because']}; try a smaller --lr than {summary['lr']:g}.",
+            file=sys.stderr,
+        )
+        return EXIT_DIVERGED
+    if summary["interrupted"]:
+        resume = "" if checkpoint_every is None else f"; continue with --resume --out {out}"
+        print(f"interrupted after step {summary['steps']}{resume}.", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0

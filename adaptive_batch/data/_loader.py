@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from adaptive_batch.control import BatchPlan
 from adaptive_batch.control._checks import as_int
 from adaptive_batch.data import _placement
 from adaptive_batch.data._order import EpochOrder
@@ -43,7 +44,10 @@ class Batch(NamedTuple):
         with ``span_epochs=False``).
       epoch, index: position of the first row in the stream: epoch number and index
         within that epoch's order. A batch that crosses the end of the epoch continues
-        at index 0 of epoch + 1.
+        at index 0 of epoch + 1. `Loader.example_indices` gives the source indices.
+      plan: the `adaptive_batch.BatchPlan` the batch was built for (a plain size n
+        is the plan of n rows without padding), so a loop needs no queue of plans
+        beside the loader's.
     """
 
     data: PyTree
@@ -51,6 +55,7 @@ class Batch(NamedTuple):
     batch_size: int
     epoch: int
     index: int
+    plan: BatchPlan
 
 
 class _Builder:
@@ -73,8 +78,9 @@ class _Builder:
         index = position % self.order.num_examples
         return position + min(batch_size, self.order.num_examples - index)
 
-    def __call__(self, position: int, batch_size: int, padded_size: int) -> Batch:
-        indices = self.order.take(position, batch_size, span_epochs=self.span_epochs)
+    def __call__(self, position: int, plan: BatchPlan) -> Batch:
+        padded_size = plan.padded_size
+        indices = self.order.take(position, plan.batch_size, span_epochs=self.span_epochs)
         start, stop = 0, padded_size
         if self.sharding is not None:  # with several processes, only this one's rows
             start, stop = _placement.local_rows(self.sharding, padded_size)
@@ -84,7 +90,7 @@ class _Builder:
         if self.sharding is not None:
             data, mask = _placement.place(data, mask, self.sharding, padded_size)
         epoch, index = divmod(position, self.order.num_examples)
-        return Batch(data, mask, len(indices), epoch, index)
+        return Batch(data, mask, len(indices), epoch, index, plan)
 
     def _gather(self, rows, size, indices):
         if len(rows) or not len(indices):
@@ -151,7 +157,7 @@ class Loader:
         order = EpochOrder(len(self._source), self.seed, shuffle)
         self._build = _Builder(self._source, order, span_epochs, sharding)
         self._position = 0  # stream position after the last batch taken by `next`
-        self._requests: deque[tuple[int, int, int, int]] = deque()  # (start, n, padded, end)
+        self._requests: deque[tuple[int, BatchPlan, int]] = deque()  # (start, plan, end)
         self._prefetcher: Prefetcher | None = None
         self._stop_prefetcher: weakref.finalize | None = None
         self._closed = False
@@ -191,15 +197,15 @@ class Loader:
             ``batch_size`` and ``padded_size`` (a `adaptive_batch.BatchPlan`).
         """
         self._check_open()
-        batch_size, padded_size = _sizes(n_or_plan)
-        start = self._requests[-1][3] if self._requests else self._position
-        end = self._build.advance(start, batch_size)
-        self._requests.append((start, batch_size, padded_size, end))
+        plan = _as_plan(n_or_plan)
+        start = self._requests[-1][2] if self._requests else self._position
+        end = self._build.advance(start, plan.batch_size)
+        self._requests.append((start, plan, end))
         if self.prefetch:
             if self._prefetcher is None:
                 self._prefetcher = Prefetcher(self._build, depth=self.prefetch)
                 self._stop_prefetcher = weakref.finalize(self, self._prefetcher.close)
-            self._prefetcher.submit(start, batch_size, padded_size)
+            self._prefetcher.submit(start, plan)
 
     def next(self, n_or_plan: Any = None) -> Batch:
         """The next batch: of ``n_or_plan`` if given, else the oldest requested one.
@@ -226,12 +232,12 @@ class Loader:
             raise RuntimeError(
                 "no batch was requested; call next(n_or_plan), or request(n_or_plan) first."
             )
-        start, batch_size, padded_size, end = self._requests[0]
+        start, plan, end = self._requests[0]
         try:
             if self._prefetcher is not None:
                 batch = self._prefetcher.result()
             else:
-                batch = self._build(start, batch_size, padded_size)
+                batch = self._build(start, plan)
         except BaseException:
             self._cancel()  # later requests assumed this one; drop them all
             raise
@@ -259,6 +265,16 @@ class Loader:
                 yield batch
         finally:
             self._cancel()
+
+    def example_indices(self, epoch: int, index: int, count: int) -> np.ndarray:
+        """The source indices of ``count`` examples from position (``epoch``, ``index``)
+        of the stream: e.g. of a batch, ``example_indices(b.epoch, b.index,
+        b.batch_size)``, to look at the examples of a step that went wrong."""
+        epoch = as_int("epoch", epoch, minimum=0)
+        index = as_int("index", index, minimum=0)
+        count = as_int("count", count, minimum=0)
+        position = epoch * self.num_examples + index
+        return self._build.order.take(position, count, span_epochs=self.span_epochs)
 
     # ------------------------------------------------------------------ state
 
@@ -328,8 +344,8 @@ class Loader:
         )
 
 
-def _sizes(n_or_plan: Any) -> tuple[int, int]:
-    """(batch_size, padded_size) of a size or a plan, checked."""
+def _as_plan(n_or_plan: Any) -> BatchPlan:
+    """The `BatchPlan` of a size (n rows, no padding) or a plan-like object, checked."""
     if hasattr(n_or_plan, "batch_size") and hasattr(n_or_plan, "padded_size"):
         batch_size = as_int("plan.batch_size", n_or_plan.batch_size, minimum=1)
         padded_size = as_int("plan.padded_size", n_or_plan.padded_size, minimum=1)
@@ -338,11 +354,13 @@ def _sizes(n_or_plan: Any) -> tuple[int, int]:
                 f"plan.batch_size={batch_size} is above plan.padded_size={padded_size}; a "
                 "plan pads the batch up, never down. Use a BatchSizeController's plans."
             )
-        return batch_size, padded_size
+        if isinstance(n_or_plan, BatchPlan):
+            return n_or_plan
+        return BatchPlan(batch_size, padded_size, getattr(n_or_plan, "num_microbatches", 1))
     n = as_int(
         "the batch size",
         n_or_plan,
         minimum=1,
         hint="Pass a number of examples >= 1, or a BatchPlan.",
     )
-    return n, n
+    return BatchPlan(n, n)

@@ -2,26 +2,44 @@
 
 A step computes the batch's `GradStats` (accumulated exactly over micro-batches),
 calls the Optax transform with ``grad_stats=`` and returns device-scalar metrics; it
-compiles once per padded shape. `fit` drives controller → loader → step.
+compiles once per padded shape. `fit` drives controller → loader → step, with
+evaluations, callbacks, Orbax checkpoints and exact resume.
 """
 
-from adaptive_batch.training._fit import FitResult, fit
+from adaptive_batch.training._callbacks import (
+    Callback,
+    FitStart,
+    MetricsWriter,
+    ProgressBar,
+    to_json_line,
+)
+from adaptive_batch.training._checkpoint import strict_json
+from adaptive_batch.training._fit import FitResult, NonFiniteError, fit
 from adaptive_batch.training._linen import LinenTrainStep, make_linen_train_step
 from adaptive_batch.training._metrics import CompileCounter, History, step_metrics
 from adaptive_batch.training._nnx import NnxTrainStep, make_nnx_train_step
+from adaptive_batch.training._schedule import EvalSchedule
 from adaptive_batch.training._step import PlainTrainStep, TrainStep, make_train_step
 
 __all__ = [
+    "Callback",
     "CompileCounter",
+    "EvalSchedule",
     "FitResult",
+    "FitStart",
     "History",
     "LinenTrainStep",
+    "MetricsWriter",
     "NnxTrainStep",
+    "NonFiniteError",
     "PlainTrainStep",
+    "ProgressBar",
     "TrainStep",
     "fit",
     "make_linen_train_step",
     "make_nnx_train_step",
     "make_train_step",
     "step_metrics",
+    "strict_json",
+    "to_json_line",
 ]

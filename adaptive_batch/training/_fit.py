@@ -1,21 +1,27 @@
-"""`fit`: the host loop driving controller → loader → train step.
+"""`fit`: the host loop driving controller → loader → train step, the package's one loop.
 
 Per step the host dispatches the compiled step, hands the step's suggested batch size
 (a device int32 scalar) to the controller, and requests the next batch from the loader.
-The controller turns the suggestion into a Python int — the one value read from the
-device per step — when it applies it: at once with ``lag=0`` (the host waits for the
-step), one step later with ``lag=1`` (the host builds and ships the next batch while
-the device runs this step). Losses and learning rates stay on the device until the
-history is flushed, every ``log_every`` steps, in one transfer.
+The controller turns the suggestion into a Python int when it applies it: at once with
+``lag=0`` (the host waits for the step), one step later with ``lag=1`` (the host builds
+and ships the next batch while the device runs this step). The step's ``finite`` flag
+is read at the same point, so a run of non-finite steps stops the loop exactly. Losses
+and the other metrics stay on the device until the history is flushed, every
+``log_every`` steps, in one transfer.
+
+Checkpoints (`adaptive_batch.training._checkpoint`) hold everything the loop's future
+depends on, so a resumed run takes the same steps as an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import signal
+import threading
 import time
-from collections import deque
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -23,11 +29,20 @@ import numpy as np
 
 from adaptive_batch.control import BatchPlan, BatchSizeController
 from adaptive_batch.data import Loader
+from adaptive_batch.training._callbacks import Callback, FitStart, ProgressBar
+from adaptive_batch.training._checkpoint import Checkpoints
 from adaptive_batch.training._metrics import CompileCounter, History
+from adaptive_batch.training._schedule import EvalSchedule
 from adaptive_batch.training._step import TrainStep
 
-#: Metrics read to the host at each flush of the history (when the step returns them).
-_LOGGED = ("loss", "learning_rate", "batch_size")
+#: Device metrics copied into each step's record at a flush: metric name -> record key.
+_LOGGED = {
+    "loss": "loss",
+    "learning_rate": "learning_rate",
+    "batch_size": "suggested_batch_size",
+    "grad_norm": "grad_norm",
+    "update_norm": "update_norm",
+}
 
 
 @dataclasses.dataclass
@@ -38,10 +53,17 @@ class FitResult:
       state: the trained state, in the form given to `fit` (``(params, opt_state)``, a
         Linen ``TrainState``, or ``(model, optimizer)`` updated in place for NNX).
       history: per-step and per-evaluation records (`History`).
-      steps: steps taken; examples: real examples seen; wall_time: seconds.
-      compiles: compiles of the train step during the run (``jax.monitoring`` events,
-        including ahead-of-time compiles on the background thread).
+      steps: steps taken (counting those before a resume); examples: real examples
+        seen; wall_time: seconds of training (steps, data and compiles; evaluations
+        and checkpoints excluded), also counting those before a resume.
+      compiles: compiles of the train step in this process (``jax.monitoring``
+        events, including ahead-of-time compiles on the background thread).
       controller: the controller (its ``history`` holds the batch-size changes).
+      skipped_steps: steps whose loss, gradient or update was not finite, skipped
+        (the state kept) by a step built with ``skip_nonfinite=True``.
+      stopped: why the loop ended: ``"budget"``, ``"interrupted"`` (Ctrl-C) or
+        ``"nonfinite"`` (see `NonFiniteError`).
+      resumed_step: the checkpoint step the run continued from (0: a new run).
     """
 
     state: Any
@@ -51,6 +73,35 @@ class FitResult:
     wall_time: float
     compiles: int
     controller: BatchSizeController
+    skipped_steps: int = 0
+    stopped: str = "budget"
+    resumed_step: int = 0
+
+
+class NonFiniteError(FloatingPointError):
+    """`fit` stopped after ``max_nonfinite_steps`` non-finite steps in a row.
+
+    Attributes:
+      result: the `FitResult` at the stop (with a skipping step, the state of the
+        last finite step; the last checkpoint, if any, is from before the run of
+        non-finite steps).
+    """
+
+    def __init__(self, message: str, result: FitResult):
+        super().__init__(message)
+        self.result = result
+
+
+@dataclasses.dataclass
+class _Counters:
+    """The loop's position (saved in checkpoints)."""
+
+    steps: int = 0
+    examples: int = 0
+    wall_time: float = 0.0
+    skipped_steps: int = 0
+    nonfinite_run: int = 0  # non-finite steps in a row, up to the last one read
+    warned: bool = False
 
 
 def fit(
@@ -63,7 +114,13 @@ def fit(
     epochs: float | None = None,
     examples: int | None = None,
     eval_fn: Callable[[Any], Mapping[str, Any]] | None = None,
-    eval_every: int | None = None,
+    eval_every: int | EvalSchedule | None = None,
+    callbacks: Sequence[Callback] = (),
+    checkpoint_dir: Any = None,
+    checkpoint_every: int | None = None,
+    keep_checkpoints: int = 3,
+    resume: bool = False,
+    max_nonfinite_steps: int | None = 10,
     seed: int = 0,
     prefetch: int | None = None,
     sharding: Any = None,
@@ -92,18 +149,39 @@ def fit(
       controller: the `BatchSizeController`; its ``lag=1`` overlaps host and device.
       steps, epochs, examples: the budget; give at least one, training stops at the
         first reached. ``epochs`` (may be fractional) and ``examples`` are exact: the
-        last batch is cut short (same padded shape, no recompile).
-      eval_fn: ``eval_fn(state) -> {name: value}``, called every ``eval_every`` steps
-        and at the end; its results go to ``history.evals``.
-      eval_every: steps between evaluations (None: only at the end).
+        last batch is cut short (same padded shape, no recompile). A resumed run
+        counts the steps and examples before the checkpoint.
+      eval_fn: ``eval_fn(state) -> {name: value}``, called as ``eval_every`` says and
+        after the last step; its results go to ``history.evals`` and into the record
+        of the step.
+      eval_every: steps between evaluations, or an `EvalSchedule` (by steps, by
+        examples, early powers of two). None: only after the last step.
+      callbacks: `Callback` objects (progress, metrics files, plots...), called on
+        process 0.
+      checkpoint_dir: save checkpoints here (Orbax), every ``checkpoint_every`` steps
+        and after the last step; each holds the carry (parameters and the whole
+        optimizer state), the controller's and loader's positions, the counters and
+        the history. ``keep_checkpoints``: how many of the newest to keep.
+      resume: continue from the newest checkpoint in ``checkpoint_dir`` (a new run if
+        there is none): the same steps follow as in a run that was never stopped.
+      max_nonfinite_steps: stop with `NonFiniteError` after this many non-finite
+        steps in a row (None: never). The first one gives a ``RuntimeWarning`` that
+        names the step and its examples.
       compile_ahead: compile the step for the next bucket on a background thread
         while training in the current one (``jit(...).lower(...).compile()``).
-      log_every: read the losses to the host (one transfer) and refresh the progress
-        bar every this many steps.
-      progress: show a tqdm progress bar with the batch size and loss.
+      log_every: read the metrics to the host (one transfer) and pass the records to
+        the callbacks every this many steps.
+      progress: show a tqdm progress bar (`ProgressBar`) with the batch size and loss.
+
+    Ctrl-C (SIGINT, when `fit` runs in the main thread) stops the loop after the
+    current step: a last evaluation and checkpoint, then the result with
+    ``stopped="interrupted"``. A second Ctrl-C raises ``KeyboardInterrupt`` at once.
 
     Returns:
       A `FitResult` (trained state, history, counts).
+
+    Raises:
+      NonFiniteError: after ``max_nonfinite_steps`` non-finite steps in a row.
 
     Example:
       >>> import numpy as np, jax.numpy as jnp
@@ -121,21 +199,17 @@ def fit(
       >>> result.examples, result.compiles <= len(controller.buckets)
       (512, True)
     """
-    if not isinstance(step, TrainStep):
-        raise TypeError(
-            f"step must be a train step from make_train_step, make_nnx_train_step or "
-            f"make_linen_train_step, got {step!r}."
+    _check_arguments(step, controller, steps, epochs, examples, compile_ahead, log_every)
+    schedule = _as_schedule(eval_every)
+    _positive_or_none("checkpoint_every", checkpoint_every)
+    _positive_or_none("max_nonfinite_steps", max_nonfinite_steps)
+    _positive_or_none("keep_checkpoints", keep_checkpoints)
+    if checkpoint_every is not None and checkpoint_dir is None:
+        raise ValueError(
+            "checkpoint_every needs checkpoint_dir=: the directory to save checkpoints in."
         )
-    if not isinstance(controller, BatchSizeController):
-        raise TypeError(f"controller must be a BatchSizeController, got {controller!r}.")
-    _check_budget(steps, epochs, examples)
-    if not isinstance(compile_ahead, bool):
-        raise TypeError(f"compile_ahead must be True or False, got {compile_ahead!r}.")
-    for name, value in (("eval_every", eval_every), ("log_every", log_every)):
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int) or value < 1
-        ):
-            raise ValueError(f"{name}={value!r} must be a positive number of steps.")
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume=True needs checkpoint_dir=: the directory of the checkpoints.")
 
     own_loader = not isinstance(data, Loader)
     if own_loader:
@@ -154,10 +228,32 @@ def fit(
     if epochs is not None:
         max_examples = min(max_examples, round(epochs * loader.num_examples))
 
+    main_process = jax.process_index() == 0
+    callbacks = list(callbacks) if main_process else []
+    if progress and main_process:
+        callbacks.insert(0, ProgressBar())
+    checkpoints = None if checkpoint_dir is None else Checkpoints(checkpoint_dir, keep_checkpoints)
     counter = CompileCounter().start()
     history = History()
-    plans: deque[BatchPlan] = deque()
-    requested = 0
+    counters = _Counters()
+    carry = step.to_carry(state)
+    if loader.sharding is not None:
+        carry = _replicate_uncommitted(carry, loader.sharding)
+    resumed_step = 0
+    if resume and checkpoints.latest_step() is not None:
+        carry, meta = checkpoints.restore(carry)
+        controller.load_state_dict(meta["controller"])
+        loader.load_state_dict(meta["loader"])
+        counters = _Counters(**meta["counters"])
+        history = History(steps=meta["history"]["steps"], evals=meta["history"]["evals"])
+        resumed_step = counters.steps
+
+    requested = counters.examples
+    pending: list[tuple[dict, dict]] = []  # records whose device metrics are unread
+    unread: list[tuple[dict, Any, Any, Any]] = []  # (record, finite, skipped, batch)
+    paused = 0.0  # seconds spent evaluating and checkpointing since `start`
+    stopped = "budget"
+    stop_steps: list[int] = []  # the step at which max_nonfinite_steps was reached
 
     def request(plan: BatchPlan) -> None:
         nonlocal requested
@@ -165,74 +261,249 @@ def fit(
         if remaining < plan.batch_size:  # the budget ends inside this batch
             plan = dataclasses.replace(plan, batch_size=int(remaining))
         loader.request(plan)
-        plans.append(plan)
         requested += plan.batch_size
 
-    bar = _progress_bar(progress, max_steps, max_examples)
-    carry = step.to_carry(state)
-    if loader.sharding is not None:
-        carry = _replicate_uncommitted(carry, loader.sharding)
-    pending: list[tuple[dict, dict]] = []
-    done, seen = 0, 0
+    def read_flags(upto: int) -> None:
+        """Count the non-finite steps up to step ``upto`` (their values are ready)."""
+        while unread and unread[0][0]["step"] <= upto:
+            record, finite, skipped, batch = unread.pop(0)
+            if bool(finite):
+                counters.nonfinite_run = 0
+            else:
+                counters.nonfinite_run += 1
+                counters.skipped_steps += int(skipped)
+                if not counters.warned:
+                    counters.warned = True
+                    _warn_nonfinite(record["step"], bool(skipped), batch)
+            record["skipped_steps"] = counters.skipped_steps
+            limit = max_nonfinite_steps
+            if limit is not None and counters.nonfinite_run >= limit and not stop_steps:
+                stop_steps.append(record["step"])
+
+    def flush(emit_last: bool = True) -> None:
+        read_flags(math.inf)
+        values = jax.device_get([metrics for _, metrics in pending])
+        for (record, _), metrics in zip(pending, values, strict=True):
+            for key, value in metrics.items():
+                record[_LOGGED[key]] = np.asarray(value).item()
+        emitted = pending if emit_last else pending[:-1]
+        for record, _ in emitted:
+            for callback in callbacks:
+                callback.on_step(record)
+        del pending[: len(emitted)]
+
+    def result() -> FitResult:
+        return FitResult(
+            state=step.from_carry(carry, state), history=history, steps=counters.steps,
+            examples=counters.examples, wall_time=counters.wall_time,
+            compiles=counter.count(step.name), controller=controller,
+            skipped_steps=counters.skipped_steps, stopped=stopped, resumed_step=resumed_step,
+        )  # fmt: skip
+
+    def save() -> None:
+        if checkpoints is None or (counters.nonfinite_run and not step.skip_nonfinite):
+            return  # never a checkpoint of the parameters of a non-finite raw step
+        meta = {
+            "controller": controller.state_dict(),
+            "loader": loader.state_dict(),
+            "counters": dataclasses.asdict(counters),
+            "history": history.as_dict(),
+        }
+        checkpoints.save(counters.steps, carry, meta)
+
+    for callback in callbacks:
+        callback.on_start(FitStart(resumed_step, max_steps, max_examples, history))
+    interrupt = _InterruptFlag()
     start = time.perf_counter()
+    base_wall = counters.wall_time
+    final = counters.steps >= max_steps or counters.examples >= max_examples
     try:
-        request(controller.plan)
-        while plans:
-            plan = plans.popleft()
-            batch = loader.next()
-            carry, metrics = step.run(carry, batch.data, batch.mask, plan.num_microbatches)
-            done += 1
-            seen += batch.batch_size
-            # The one device read per step (of step done - lag): inside controller.next.
-            next_plan = controller.next(metrics.get("batch_size"))
-            if done < max_steps and requested < max_examples:
-                request(next_plan)
-            if compile_ahead:
-                _compile_next_bucket(step, controller, carry, batch, next_plan)
-            record = {
-                "step": done,
-                "batch_size": batch.batch_size,
-                "padded_size": plan.padded_size,
-                "num_microbatches": plan.num_microbatches,
-                "examples": seen,
-                "epoch": seen / loader.num_examples,
-                "wall_time": time.perf_counter() - start,
-                "compiles": counter.count(step.name),
-            }
-            history.steps.append(record)
-            pending.append((record, {k: metrics[k] for k in _LOGGED if k in metrics}))
-            if done % log_every == 0 or not plans:
-                _flush(pending)
-                _show(bar, record, plan)
-            if eval_fn is not None and ((eval_every and done % eval_every == 0) or not plans):
-                state = step.from_carry(carry, state)
-                results = dict(eval_fn(state))
-                history.evals.append(
-                    {"step": done, "examples": seen, "wall_time": record["wall_time"], **results}
+        with interrupt:
+            if not final:
+                request(controller.plan)
+            while not final:
+                batch = loader.next()
+                plan = batch.plan
+                carry, metrics = step.run(carry, batch.data, batch.mask, plan.num_microbatches)
+                counters.steps += 1
+                before, counters.examples = counters.examples, counters.examples + batch.batch_size
+                # The one device read per step (of step steps - lag): inside controller.next.
+                next_plan = controller.next(metrics.get("batch_size"))
+                final = (
+                    counters.steps >= max_steps or requested >= max_examples or interrupt.is_set()
                 )
-                if bar is not None:
-                    bar.write(
-                        f"step {done}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in results.items())
-                    )
-        state = step.from_carry(carry, state)
+                if not final:
+                    request(next_plan)
+                if compile_ahead:
+                    _compile_next_bucket(step, controller, carry, batch, next_plan)
+                counters.wall_time = base_wall + time.perf_counter() - start - paused
+                record = {
+                    "step": counters.steps,
+                    "examples": counters.examples,
+                    "epoch": counters.examples / loader.num_examples,
+                    "batch_size": batch.batch_size,
+                    "padded_size": plan.padded_size,
+                    "num_microbatches": plan.num_microbatches,
+                    "wall_time": counters.wall_time,
+                    "compiles": counter.count(step.name),
+                    "skipped_steps": counters.skipped_steps,
+                }
+                history.steps.append(record)
+                pending.append((record, {k: metrics[k] for k in _LOGGED if k in metrics}))
+                unread.append((record, metrics["finite"], metrics["skipped"], batch))
+                read_flags(counters.steps - controller.lag)
+                evaluate = eval_fn is not None and (
+                    final or schedule.due(counters.steps, before, counters.examples)
+                )
+                checkpoint = checkpoints is not None and (
+                    final or (checkpoint_every and counters.steps % checkpoint_every == 0)
+                )
+                if counters.steps % log_every == 0 or final or evaluate or checkpoint:
+                    flush(emit_last=not evaluate)
+                if stop_steps:
+                    raise _Stop(stop_steps[0])
+                if evaluate or checkpoint:
+                    pause = time.perf_counter()
+                    if evaluate:
+                        _evaluate(eval_fn, step.from_carry(carry, state), record, history)
+                        pending.clear()  # flush left this step's record for after the evaluation
+                        for callback in callbacks:
+                            callback.on_step(record)
+                            callback.on_eval(history.evals[-1])
+                    if checkpoint:
+                        save()
+                    paused += time.perf_counter() - pause
+            if interrupt.is_set():
+                stopped = "interrupted"
         jax.block_until_ready(carry)
+    except _Stop as stop:
+        stopped = "nonfinite"
+        flush()
+        error = NonFiniteError(
+            f"{max_nonfinite_steps} non-finite steps in a row, the last at step "
+            f"{stop.step}: the loss, gradient or update was NaN or inf. Look for the "
+            "examples of the first (its warning names them), lower the learning rate, or "
+            "pass max_nonfinite_steps=None to go on.",
+            result(),
+        )
+        for callback in callbacks:
+            callback.on_end(error.result)
+        raise error from None
     finally:
-        wall_time = time.perf_counter() - start
         step.close()
         counter.stop()
-        if bar is not None:
-            bar.close()
+        if checkpoints is not None:
+            checkpoints.close()
         if own_loader:
             loader.close()
-    return FitResult(
-        state=state,
-        history=history,
-        steps=done,
-        examples=seen,
-        wall_time=wall_time,
-        compiles=counter.count(step.name),
-        controller=controller,
+    outcome = result()
+    for callback in callbacks:
+        callback.on_end(outcome)
+    return outcome
+
+
+class _Stop(Exception):
+    def __init__(self, step: int):
+        self.step = step
+
+
+class _InterruptFlag:
+    """While entered (in the main thread): the first SIGINT sets the flag, a second one
+    raises KeyboardInterrupt as usual."""
+
+    def __init__(self):
+        self._event = threading.Event()
+        self._previous = None
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def _handle(self, signum, frame):
+        if self._event.is_set():
+            raise KeyboardInterrupt
+        self._event.set()
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc_info):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
+def _evaluate(eval_fn, state, record: dict, history: History) -> None:
+    results = {k: _scalar(v) for k, v in dict(eval_fn(state)).items()}
+    record.update(results)
+    history.evals.append(
+        {"step": record["step"], "examples": record["examples"],
+         "wall_time": record["wall_time"], **results}
+    )  # fmt: skip
+
+
+def _scalar(value):
+    """A device or NumPy scalar as a Python number (JSON- and checkpoint-friendly)."""
+    if isinstance(value, jax.Array | np.ndarray | np.generic) and np.ndim(value) == 0:
+        return np.asarray(value).item()
+    return value
+
+
+def _warn_nonfinite(step: int, skipped: bool, batch) -> None:
+    what = (
+        "it was skipped: parameters, optimizer state and batch size are unchanged"
+        if skipped
+        else "its update was applied (skip_nonfinite=False)"
     )
+    warnings.warn(
+        f"step {step} was non-finite (NaN or inf in the loss, gradient or update); {what}. "
+        f"Its {batch.batch_size} examples start at epoch {batch.epoch}, index {batch.index} "
+        f"of the loader's order: loader.example_indices({batch.epoch}, {batch.index}, "
+        f"{batch.batch_size}) gives their indices in the source (the loader fit made: "
+        "adaptive_batch.data.Loader(data, seed=seed)); evaluate loss_fn on them to find "
+        "the culprits. Warned once per run; FitResult.skipped_steps counts them.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+def _as_schedule(eval_every) -> EvalSchedule:
+    if eval_every is None:
+        return EvalSchedule()
+    if isinstance(eval_every, EvalSchedule):
+        return eval_every
+    _positive_or_none("eval_every", eval_every)
+    return EvalSchedule(steps=eval_every)
+
+
+def _positive_or_none(name: str, value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name}={value!r} must be a positive int (or None).")
+
+
+def _check_arguments(step, controller, steps, epochs, examples, compile_ahead, log_every):
+    if not isinstance(step, TrainStep):
+        raise TypeError(
+            f"step must be a train step from make_train_step, make_nnx_train_step or "
+            f"make_linen_train_step, got {step!r}."
+        )
+    if not isinstance(controller, BatchSizeController):
+        raise TypeError(f"controller must be a BatchSizeController, got {controller!r}.")
+    if steps is None and epochs is None and examples is None:
+        raise ValueError(
+            "fit needs a budget: pass steps=, epochs= or examples= (training stops at the "
+            "first one reached)."
+        )
+    _positive_or_none("steps", steps)
+    _positive_or_none("examples", examples)
+    if epochs is not None and not (isinstance(epochs, int | float) and 0 < epochs < math.inf):
+        raise ValueError(f"epochs={epochs!r} must be a positive number of epochs (or None).")
+    if not isinstance(compile_ahead, bool):
+        raise TypeError(f"compile_ahead must be True or False, got {compile_ahead!r}.")
+    if log_every is None:
+        raise ValueError("log_every=None: pass a positive number of steps.")
+    _positive_or_none("log_every", log_every)
 
 
 def _default_prefetch(sharding) -> int:
@@ -240,21 +511,6 @@ def _default_prefetch(sharding) -> int:
     overlap with: the prefetch thread only takes cores from the step)."""
     devices = jax.devices() if sharding is None else list(sharding.device_set)
     return 0 if all(d.platform == "cpu" for d in devices) else 2
-
-
-def _check_budget(steps, epochs, examples) -> None:
-    if steps is None and epochs is None and examples is None:
-        raise ValueError(
-            "fit needs a budget: pass steps=, epochs= or examples= (training stops at the "
-            "first one reached)."
-        )
-    for name, value in (("steps", steps), ("examples", examples)):
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int) or value < 1
-        ):
-            raise ValueError(f"{name}={value!r} must be a positive int (or None).")
-    if epochs is not None and not (isinstance(epochs, int | float) and 0 < epochs < math.inf):
-        raise ValueError(f"epochs={epochs!r} must be a positive number of epochs (or None).")
 
 
 def _replicate_uncommitted(tree, sharding):
@@ -277,15 +533,6 @@ def _replicate_uncommitted(tree, sharding):
     return jax.tree.map(place, tree)
 
 
-def _flush(pending: list[tuple[dict, dict]]) -> None:
-    """Read the pending metrics to the host in one transfer and fill their records."""
-    values = jax.device_get([metrics for _, metrics in pending])
-    for (record, _), metrics in zip(pending, values, strict=True):
-        for key, value in metrics.items():
-            record["suggested" if key == "batch_size" else key] = np.asarray(value).item()
-    pending.clear()
-
-
 def _compile_next_bucket(step, controller, carry, batch, plan: BatchPlan) -> None:
     """Start compiling the step for the bucket above ``plan``'s (if any) in the background."""
     buckets = controller.buckets
@@ -305,30 +552,3 @@ def _compile_next_bucket(step, controller, carry, batch, plan: BatchPlan) -> Non
 
     data, mask = jax.tree.map(like, (batch.data, batch.mask))
     step.compile_ahead(carry, data, mask, target.num_microbatches)
-
-
-def _progress_bar(progress: bool, max_steps, max_examples):
-    if not progress:
-        return None
-    from tqdm.auto import tqdm
-
-    if max_examples < math.inf:
-        return tqdm(total=int(max_examples), unit="ex", unit_scale=True, dynamic_ncols=True)
-    return tqdm(total=int(max_steps), unit="step", dynamic_ncols=True)
-
-
-def _show(bar, record: dict, plan: BatchPlan) -> None:
-    if bar is None:
-        return
-    if bar.unit == "ex":
-        bar.update(record["examples"] - bar.n)
-    else:
-        bar.update(record["step"] - bar.n)
-    postfix = {"batch": f"{record['batch_size']}/{plan.padded_size}"}
-    if "loss" in record:
-        postfix["loss"] = _fmt(record["loss"])
-    bar.set_postfix(postfix, refresh=False)
-
-
-def _fmt(value) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -26,8 +26,12 @@ class LinenTrainStep(TrainStep):
             stats.mean_grad, state.opt_state, state.params, grad_stats=stats
         )
         params = optax.apply_updates(state.params, updates)
+        metrics = step_metrics(
+            stats, opt_state, previous_opt_state=state.opt_state, updates=updates, params=params,
+            skip_nonfinite=self.skip_nonfinite,
+        )  # fmt: skip
         state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-        return state, step_metrics(stats, opt_state)
+        return state, metrics
 
     def __call__(self, state, data, mask=None, *, num_microbatches: int = 1):
         """``(state, metrics)`` after one step; see `make_train_step` for the arguments."""
@@ -44,6 +48,7 @@ def make_linen_train_step(
     backend: str = "auto",
     stats_microbatch_size: int | None = None,
     donate: bool = False,
+    skip_nonfinite: bool = True,
 ) -> LinenTrainStep:
     """A train step for Flax Linen: ``state, metrics = step(state, data, mask)``.
 
@@ -82,4 +87,5 @@ def make_linen_train_step(
         backend=backend,
         stats_microbatch_size=stats_microbatch_size,
         donate=donate,
+        skip_nonfinite=skip_nonfinite,
     )

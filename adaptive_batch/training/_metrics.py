@@ -10,6 +10,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from adaptive_batch.stats import GradStats
 from adaptive_batch.transforms import suggested_batch_size
@@ -34,22 +35,69 @@ def _find_learning_rate(opt_state) -> jax.Array | None:
     return None
 
 
-def step_metrics(stats: GradStats, opt_state) -> dict[str, jax.Array]:
+def _all_finite(tree) -> jax.Array:
+    """True when every floating-point entry of ``tree`` is finite (other leaves: ignored)."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    if not leaves:
+        return jnp.ones((), bool)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def step_metrics(
+    stats: GradStats,
+    opt_state,
+    *,
+    previous_opt_state=None,
+    updates=None,
+    params=None,
+    skip_nonfinite: bool = False,
+) -> dict[str, jax.Array]:
     """The metrics a train step returns (device scalars; nothing is read to the host).
 
     * ``loss``: mean loss over the real examples of the batch, F̂ = Σℓᵢ / b.
     * ``count``: b, the number of real examples (float32).
+    * ``grad_norm``: ‖ḡ‖ of the mean gradient; ``update_norm``: ‖u‖ of the update
+      (when ``updates`` is given), so ‖u‖ / ‖ḡ‖ is the step's effective learning rate.
+    * ``finite``: the loss and every entry of the mean gradient, the update (when
+      given), the new parameters (when given) and the new optimizer state are finite.
+      (A finite but huge update can overflow the parameters: that step is not finite.)
+    * ``skipped``: 1 when the step was skipped (``skip_nonfinite`` and not ``finite``:
+      the train step then keeps its parameters and optimizer state), else 0 (int32).
     * ``batch_size``: the batch size the optimizer's rules want next (int32), when the
-      state holds one (`adaptive_batch.suggested_batch_size`).
+      state holds one (`adaptive_batch.suggested_batch_size`); a skipped step keeps
+      the one of ``previous_opt_state``.
     * ``learning_rate``: when the optimizer was built with ``optax.inject_hyperparams``.
     """
-    metrics = {"loss": stats.mean_loss, "count": stats.count}
+    grad = stats.mean_grad
+    finite = jnp.isfinite(stats.loss_sum) & _all_finite(grad)
+    metrics = {
+        "loss": stats.mean_loss,
+        "count": stats.count,
+        "grad_norm": optax.tree.norm(grad),
+    }
+    if updates is not None:
+        metrics["update_norm"] = optax.tree.norm(updates)
+        finite &= _all_finite(updates)
+    if params is not None:
+        finite &= _all_finite(params)
+    finite &= _all_finite(opt_state)
+    skipped = jnp.logical_not(finite) if skip_nonfinite else jnp.zeros((), bool)
+    metrics["finite"] = finite
+    metrics["skipped"] = skipped.astype(jnp.int32)
     with contextlib.suppress(ValueError):  # no batch-size rule: a fixed batch size
-        metrics["batch_size"] = suggested_batch_size(opt_state)
+        batch_size = suggested_batch_size(opt_state)
+        if previous_opt_state is not None:
+            batch_size = jnp.where(skipped, suggested_batch_size(previous_opt_state), batch_size)
+        metrics["batch_size"] = batch_size
     learning_rate = _find_learning_rate(opt_state)
     if learning_rate is not None:
         metrics["learning_rate"] = learning_rate
     return metrics
+
+
+def keep_if_skipped(skipped: jax.Array, before, after):
+    """``before`` where the step was skipped, else ``after`` (leaf by leaf, in the step)."""
+    return jax.tree.map(lambda old, new: jnp.where(skipped, old, new), before, after)
 
 
 # ---------------------------------------------------------------------- compiles
@@ -124,13 +172,16 @@ class CompileCounter:
 class History:
     """What `fit` recorded: one dict per step, and one per evaluation.
 
-    ``steps[i]`` holds ``step`` (1-based count of steps done), ``batch_size`` (real
-    examples), ``padded_size``, ``num_microbatches``, ``loss`` (mean over the batch),
-    ``learning_rate`` (when the optimizer exposes it), ``suggested`` (the batch size the
-    method asked for), ``examples`` (seen so far), ``epoch`` (fractional epochs),
-    ``wall_time`` (seconds since the start of `fit`) and ``compiles`` (train-step
-    compiles so far). ``evals[j]`` holds ``step``, ``examples``, ``wall_time`` and what
-    the eval callback returned.
+    ``steps[i]`` holds ``step`` (1-based count of steps done), ``examples`` (real
+    examples seen so far), ``epoch`` (fractional epochs), ``batch_size`` (real rows of
+    the batch), ``padded_size``, ``num_microbatches``, ``suggested_batch_size`` (what
+    the method asked for next, when it has a batch-size rule), ``learning_rate`` (when
+    the optimizer exposes it), ``loss`` (mean over the batch), ``grad_norm`` and
+    ``update_norm``, ``wall_time`` (seconds of training so far: evaluations and
+    checkpoints excluded), ``skipped_steps`` (non-finite steps skipped so far) and
+    ``compiles`` (train-step compiles so far); on an evaluation step also the
+    evaluation's results. ``evals[j]`` holds ``step``, ``examples``, ``wall_time`` and
+    what ``eval_fn`` returned.
     """
 
     steps: list[dict[str, Any]] = dataclasses.field(default_factory=list)

@@ -7,6 +7,7 @@ import functools
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 
@@ -47,7 +48,9 @@ class NnxTrainStep(TrainStep):
         return state
 
     def _update(self, carry, data, mask, num_microbatches):
-        model, optimizer = nnx.merge(carry.graphdef, carry.state)
+        # A copy: the update below writes into the Variables, and a skipped step keeps
+        # the carry it was given.
+        model, optimizer = nnx.merge(carry.graphdef, carry.state, copy=True)
         graphdef, params, rest = nnx.split(model, optimizer.wrt, ...)
 
         def loss_fn(p, batch):
@@ -56,11 +59,18 @@ class NnxTrainStep(TrainStep):
         stats = self.stats(
             optimizer.tx, params, optimizer.opt_state, data, mask, num_microbatches, loss_fn
         )
+        previous_opt_state = nnx.as_pure(optimizer.opt_state)
         if isinstance(optimizer.tx, optax.GradientTransformationExtraArgs):
             optimizer.update(model, stats.mean_grad, grad_stats=stats)
         else:  # a plain Optax transform takes no extra arguments
             optimizer.update(model, stats.mean_grad)
-        metrics = step_metrics(stats, nnx.as_pure(optimizer.opt_state))
+        # optimizer.update applies the updates in place; their norm is the step taken.
+        new_params = nnx.as_pure(nnx.state(model, optimizer.wrt))
+        updates = jax.tree.map(jnp.subtract, new_params, nnx.as_pure(params))
+        metrics = step_metrics(
+            stats, nnx.as_pure(optimizer.opt_state), previous_opt_state=previous_opt_state,
+            updates=updates, params=new_params, skip_nonfinite=self.skip_nonfinite,
+        )  # fmt: skip
         return NnxCarry(carry.graphdef, nnx.state((model, optimizer))), metrics
 
     def __call__(self, model, optimizer, data, mask=None, *, num_microbatches: int = 1):
@@ -81,6 +91,7 @@ def make_nnx_train_step(
     backend: str = "auto",
     stats_microbatch_size: int | None = None,
     donate: bool = False,
+    skip_nonfinite: bool = True,
 ) -> NnxTrainStep:
     """A train step for Flax NNX: ``metrics = step(model, optimizer, data, mask)``.
 
@@ -112,4 +123,5 @@ def make_nnx_train_step(
         backend=backend,
         stats_microbatch_size=stats_microbatch_size,
         donate=donate,
+        skip_nonfinite=skip_nonfinite,
     )

@@ -21,7 +21,7 @@ from flax import nnx
 
 from adaptive_batch.stats import GradStats, per_example_stats
 from adaptive_batch.training._accumulate import batch_stats
-from adaptive_batch.training._metrics import step_metrics
+from adaptive_batch.training._metrics import keep_if_skipped, step_metrics
 from adaptive_batch.training._plain import plain_stats_fn
 
 PyTree = Any
@@ -105,14 +105,25 @@ class TrainStep:
     name = "train_step"
 
     def __init__(
-        self, loss_fn: LossFn, *, coordinates, inner, backend, stats_microbatch_size, donate
+        self,
+        loss_fn: LossFn,
+        *,
+        coordinates,
+        inner,
+        backend,
+        stats_microbatch_size,
+        donate,
+        skip_nonfinite,
     ):
         if not callable(loss_fn):
             raise TypeError(
                 f"loss_fn must be a function loss_fn(params, batch) -> per-example losses of "
                 f"shape (B,), got {loss_fn!r}."
             )
+        if not isinstance(skip_nonfinite, bool):
+            raise TypeError(f"skip_nonfinite must be True or False, got {skip_nonfinite!r}.")
         self.loss_fn = loss_fn
+        self.skip_nonfinite = skip_nonfinite
         self._coordinates, self._inner = coordinates, inner
         self._options: dict[Any, tuple[bool, bool]] = {}  # per transform: (coordinates, inner)
         self._stats_fns: dict[tuple[bool, bool], Any] = {}
@@ -121,7 +132,10 @@ class TrainStep:
         per_example_stats(loss_fn, **self._stats_kwargs)
 
         def update(carry, data, mask, num_microbatches):
-            return self._update(carry, data, mask, num_microbatches)
+            new_carry, metrics = self._update(carry, data, mask, num_microbatches)
+            if self.skip_nonfinite:  # a non-finite step changes nothing
+                new_carry = keep_if_skipped(metrics["skipped"] != 0, carry, new_carry)
+            return new_carry, metrics
 
         update.__name__ = update.__qualname__ = self.name
         self._jitted = jax.jit(
@@ -239,9 +253,15 @@ class PlainTrainStep(TrainStep):
     def _update(self, carry, data, mask, num_microbatches):
         params, opt_state = carry
         stats = self.stats(self.tx, params, opt_state, data, mask, num_microbatches)
-        updates, opt_state = self.tx.update(stats.mean_grad, opt_state, params, grad_stats=stats)
+        updates, new_opt_state = self.tx.update(
+            stats.mean_grad, opt_state, params, grad_stats=stats
+        )
         params = optax.apply_updates(params, updates)
-        return (params, opt_state), step_metrics(stats, opt_state)
+        metrics = step_metrics(
+            stats, new_opt_state, previous_opt_state=opt_state, updates=updates, params=params,
+            skip_nonfinite=self.skip_nonfinite,
+        )  # fmt: skip
+        return (params, new_opt_state), metrics
 
     def to_carry(self, state):
         params, opt_state = state
@@ -267,6 +287,7 @@ def make_train_step(
     backend: str = "auto",
     stats_microbatch_size: int | None = None,
     donate: bool = False,
+    skip_nonfinite: bool = True,
 ) -> PlainTrainStep:
     r"""Build ``step(params, opt_state, data, mask, *, num_microbatches=1)``.
 
@@ -290,8 +311,15 @@ def make_train_step(
     ``(padded rows, num_microbatches)``, i.e. once per bucket of a
     `BatchSizeController`. Its metrics (device scalars, nothing is read to the host) are
     ``loss`` (mean over real rows), ``count``, ``batch_size`` (the next batch size the
-    rules in ``tx`` want, int32, when ``tx`` has a rule) and ``learning_rate`` (under
-    ``optax.inject_hyperparams``).
+    rules in ``tx`` want, int32, when ``tx`` has a rule), ``learning_rate`` (under
+    ``optax.inject_hyperparams``), ``grad_norm`` and ``update_norm``, ``finite`` and
+    ``skipped`` (see `step_metrics`).
+
+    A step whose loss, mean gradient or update has a non-finite entry (a NaN or inf
+    example, an overflow) changes nothing with ``skip_nonfinite=True`` (the default):
+    parameters, optimizer state and the suggested batch size stay as they were, and
+    ``metrics["skipped"]`` is 1. `fit` counts these steps, warns at the first and stops
+    after a run of them. NaN or inf in *padding* rows never reaches any number.
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> (B,)`` per-example losses, each depending on
@@ -306,6 +334,8 @@ def make_train_step(
         ``microbatch_size`` (memory chunks inside one micro-batch).
       donate: donate params and optimizer state buffers to the step (saves memory;
         the inputs may not be used after the call).
+      skip_nonfinite: keep the state unchanged on a non-finite step (True), or apply
+        whatever the update is, NaN included (False: the raw behaviour).
 
     Returns:
       A `PlainTrainStep`, callable as ``params, opt_state, metrics = step(params,
@@ -334,4 +364,5 @@ def make_train_step(
         backend=backend,
         stats_microbatch_size=stats_microbatch_size,
         donate=donate,
+        skip_nonfinite=skip_nonfinite,
     )
