@@ -25,6 +25,13 @@ fixed at padded sizes) and ratios are medians over the repeats. Reported:
   19%, more compiles).
 * ``prefetch_thread_ratio`` — the default controller with ``fit(prefetch=2)``: a
   background thread builds the batches (fit's default on accelerators, not on CPU).
+* ``checkpoint_ratio`` — the padded pow2 run (several hundred steps) saving an Orbax
+  checkpoint every 100 steps (and after the last), timed around the whole `fit` call
+  (checkpoints included, which ``wall_time`` leaves out) / the same run without
+  checkpoints; ``checkpoint_seconds`` the cost per checkpoint.
+* ``guard_ratio`` — the fixed loop with steps that skip non-finite updates (the
+  default, ``skip_nonfinite=True``: finiteness checks and a select of the state) /
+  the same loop with ``skip_nonfinite=False``, examples per second.
 * ``compiles`` — train-step compiles (JAX's monitoring events) of the first run of
   each configuration, and of exact sizes without buckets (the fixed loop: one per
   distinct size), with the wall time of each first, compiling, run.
@@ -42,6 +49,7 @@ import json
 import math
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -93,14 +101,21 @@ def fine_buckets(lo, hi, per_octave=4):
     return sorted(sizes)
 
 
-def adaptive_run(args, step, source, buckets, *, params, tx, fill, prefetch=None):
+def adaptive_run(args, step, source, buckets, *, params, tx, fill, prefetch=None, every=None):
+    """`fit`'s result, with ``elapsed``: seconds of the whole call (``every``: save a
+    checkpoint every so many steps, into a new directory)."""
     controller = ab.BatchSizeController(
         args.min_batch, args.max_batch, buckets=buckets, lag=1, fill_buckets=fill
     )
-    return ab.fit(
-        step, (params, tx.init(params)), source, controller,
-        examples=args.budget, progress=False, log_every=50, prefetch=prefetch,
-    )  # fmt: skip
+    with tempfile.TemporaryDirectory() as directory:
+        start = time.perf_counter()
+        result = ab.fit(
+            step, (params, tx.init(params)), source, controller,
+            examples=args.budget, progress=False, log_every=50, prefetch=prefetch,
+            checkpoint_dir=directory if every else None, checkpoint_every=every,
+        )  # fmt: skip
+        result.elapsed = time.perf_counter() - start
+    return result
 
 
 def fixed_loop(step, sizes, source, tx, params):
@@ -204,6 +219,15 @@ def main():
         )
     rows.append(exact)
     print_table(rows, list(rows[0]))
+    checkpoint_ratio, checkpoint_seconds, checkpoints = checkpoint_cost(
+        args, source, params, loss_fn, tx, repeats
+    )
+    guard = guard_cost(source, params, loss_fn, tx, trajectory, repeats)
+    print(
+        f"\ncheckpoint every 100 steps: {checkpoints} checkpoints, whole fit call "
+        f"{checkpoint_ratio:.3f}x the time without ({checkpoint_seconds * 1e3:.0f} ms each)"
+    )
+    print(f"steps that skip non-finite updates / raw steps, examples/s: {guard:.3f}")
     print(
         "\npow2 padded against a fixed loop at the padded sizes (loop overhead alone): "
         f"{overhead:.3f}"
@@ -216,6 +240,9 @@ def main():
         "overhead_ratio": round(overhead, 3),
         "fine_buckets_ratio": round(rows[2]["ratio"], 3),
         "prefetch_thread_ratio": round(rows[3]["ratio"], 3),
+        "checkpoint_ratio": round(checkpoint_ratio, 3),
+        "checkpoint_seconds": round(checkpoint_seconds, 4),
+        "guard_ratio": round(guard, 3),
         "compiles": {"pow2_filled": rows[0]["compiles"], "pow2_padded": rows[1]["compiles"],
                      "fine_padded": rows[2]["compiles"], "exact": exact["compiles"]},
         "distinct_batch_sizes": rows[0]["distinct sizes"],
@@ -231,6 +258,38 @@ def main():
         "quick": args.quick,
     }  # fmt: skip
     print(json.dumps(summary))
+
+
+def checkpoint_cost(args, source, params, loss_fn, tx, repeats):
+    """(whole-call time with a checkpoint every 100 steps / without, seconds per
+    checkpoint, checkpoints per run), medians over interleaved repeats."""
+    step = ab.make_train_step(loss_fn, tx)
+    # The rule's exact sizes (padded): several hundred steps, so several checkpoints.
+    kwargs = {"params": params, "tx": tx, "fill": False}
+    adaptive_run(args, step, source, "pow2", **kwargs)  # compiles
+    plain, saving, steps = [], [], 0
+    for _ in range(max(3, repeats // 3)):
+        plain.append(adaptive_run(args, step, source, "pow2", **kwargs).elapsed)
+        run = adaptive_run(args, step, source, "pow2", every=100, **kwargs)
+        saving.append(run.elapsed)
+        steps = run.steps
+    count = steps // 100 + (steps % 100 != 0)
+    ratio = statistics.median(s / p for s, p in zip(saving, plain, strict=True))
+    return ratio, (statistics.median(saving) - statistics.median(plain)) / count, count
+
+
+def guard_cost(source, params, loss_fn, tx, sizes, repeats):
+    """Examples/s of a fixed loop whose step skips non-finite updates (the default) /
+    one whose step does not, medians over interleaved repeats."""
+    guarded = ab.make_train_step(loss_fn, tx)
+    raw = ab.make_train_step(loss_fn, tx, skip_nonfinite=False)
+    for step in (guarded, raw):
+        fixed_loop(step, sizes, source, tx, params)  # compiles
+    ratios = []
+    for _ in range(repeats):
+        with_guard = fixed_loop(guarded, sizes, source, tx, params)
+        ratios.append(fixed_loop(raw, sizes, source, tx, params) / with_guard)
+    return statistics.median(ratios)
 
 
 if __name__ == "__main__":

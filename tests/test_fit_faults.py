@@ -10,6 +10,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import adaptive_batch as ab
@@ -148,3 +149,62 @@ def test_raw_behaviour_applies_nan_updates():
 def test_max_nonfinite_steps_is_checked():
     with pytest.raises(ValueError, match="max_nonfinite_steps=0 must be a positive int"):
         fit(source(), steps=3, max_nonfinite_steps=0)
+
+
+def test_bounds_stated_twice_and_different_are_reported():
+    """The rule (the norm test's default bounds 16..2048) and the controller (8..32)
+    disagree: fit warns once, naming both fixes; with the same bounds it says nothing."""
+    x = np.random.default_rng(0).normal(size=(512, 3)).astype(np.float32)
+    noise = np.random.default_rng(1).normal(size=512).astype(np.float32)
+    data = {"x": x, "y": 3 * x[:, 0] + noise}
+
+    def run(rule_bounds):
+        tx = optax.chain(ab.norm_test(0.1, **rule_bounds), optax.sgd(0.01))
+        step = ab.make_train_step(loss_fn, tx)
+        w = jnp.zeros(3)
+        controller = ab.BatchSizeController(8, 32)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = ab.fit(step, (w, tx.init(w)), data, controller, epochs=2, progress=False)
+        said = [str(w.message) for w in caught if "different bounds" in str(w.message)]
+        return said, max(result.history.column("suggested_batch_size"))
+
+    said, largest = run({})
+    assert largest > 32  # the rule asked for more than the controller allows
+    assert len(said) == 1 and "[8, 32]" in said[0] and "max_batch_size=32" in said[0]
+    said, largest = run({"min_batch_size": 8, "max_batch_size": 32})
+    assert said == [] and largest == 32
+
+
+def test_flax_steps_skip_a_nan_batch_and_keep_their_state():
+    """NNX updates its Variables in place inside the step: the skip must still return
+    the state it was given (it once returned the updated one); Linen likewise."""
+    import flax.linen as nn
+    from flax import nnx
+    from flax.training.train_state import TrainState
+
+    x = np.ones((8, 3), np.float32)
+    x[2, 0] = np.nan
+    batch = {"x": x, "y": np.zeros(8, np.int32)}
+
+    def xent(logits, y):
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y)
+
+    model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, ab.cabs(0.1, min_batch_size=4), wrt=nnx.Param)
+    kernel = np.array(model.kernel[...])
+    metrics = ab.make_nnx_train_step(lambda m, b: xent(m(b["x"]), b["y"]))(model, optimizer, batch)
+    assert int(metrics["skipped"]) == 1
+    np.testing.assert_array_equal(model.kernel[...], kernel)
+    assert int(optimizer.step[...]) == 0
+
+    dense = nn.Dense(2)
+    params = dense.init(jax.random.key(0), x[:1])["params"]
+    state = TrainState.create(
+        apply_fn=dense.apply, params=params, tx=ab.cabs(0.1, min_batch_size=4)
+    )
+    step = ab.make_linen_train_step(lambda p, b: xent(dense.apply({"params": p}, b["x"]), b["y"]))
+    new_state, metrics = step(state, batch)
+    assert int(metrics["skipped"]) == 1 and int(new_state.step) == 0
+    for a, b in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(a, b)

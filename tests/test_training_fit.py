@@ -279,7 +279,7 @@ def test_progress_bar_shows_the_batch_size(capsys):
 def test_default_prefetch_is_off_on_the_cpu_backend_and_on_for_accelerators():
     from types import SimpleNamespace
 
-    from adaptive_batch.training._fit import _default_prefetch
+    from adaptive_batch.training._devices import default_prefetch as _default_prefetch
 
     assert _default_prefetch(None) == 0  # the test machine's CPU devices
     cpu = jax.sharding.NamedSharding(jax.make_mesh((2,), ("data",)), jax.sharding.PartitionSpec())

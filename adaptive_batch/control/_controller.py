@@ -194,6 +194,7 @@ class BatchSizeController:
         initial = self._filled(initial)
         self._batch_size = initial
         self._step = 0
+        self.outside_bounds: int | None = None  # the last suggestion outside the bounds
         self._pending: deque[Any] = deque([None] * self.lag)
         self._history: deque[tuple[int, int]] = deque([(0, initial)], maxlen=HISTORY_LIMIT)
 
@@ -325,7 +326,9 @@ class BatchSizeController:
         Args:
           suggested: the batch size the method wants: a Python, NumPy or JAX integer
             scalar (a whole-number float is accepted), >= 0; values outside the bounds
-            are clamped. ``None``: no suggestion, keep the batch size.
+            are clamped, and the last such value is kept in ``outside_bounds`` (a sign
+            that the rule has other bounds than the controller; `fit` warns).
+            ``None``: no suggestion, keep the batch size.
 
         Returns:
           The `BatchPlan` for the next step (also `plan` from now on).
@@ -340,6 +343,8 @@ class BatchSizeController:
         applied = self._pending.popleft()
         if applied is not None:
             size = as_int("suggested batch size", applied, minimum=0, hint=_NEGATIVE_HINT)
+            if size > self.max_batch_size or 0 < size < self.min_batch_size:
+                self.outside_bounds = size
             size = self._filled(min(max(size, self.min_batch_size), self.max_batch_size))
             if self.monotone:
                 size = max(size, self._batch_size)

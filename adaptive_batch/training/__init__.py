@@ -14,7 +14,8 @@ from adaptive_batch.training._callbacks import (
     to_json_line,
 )
 from adaptive_batch.training._checkpoint import strict_json
-from adaptive_batch.training._fit import FitResult, NonFiniteError, fit
+from adaptive_batch.training._fit import fit
+from adaptive_batch.training._fit_result import FitResult, NonFiniteError
 from adaptive_batch.training._linen import LinenTrainStep, make_linen_train_step
 from adaptive_batch.training._metrics import CompileCounter, History, step_metrics
 from adaptive_batch.training._nnx import NnxTrainStep, make_nnx_train_step

@@ -30,30 +30,30 @@ FORMAT = 1
 _NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 
+def _replace_nonfinite(value: Any, replacement) -> Any:
+    """``value`` with each non-finite float x replaced by ``replacement(x)``, NumPy
+    scalars made Python numbers; dicts, lists and tuples are copied (tuples as lists)."""
+    if isinstance(value, dict):
+        return {k: _replace_nonfinite(v, replacement) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_replace_nonfinite(v, replacement) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return replacement(value)
+    return value
+
+
 def strict_json(value: Any) -> Any:
     """``value`` with every non-finite float replaced by None (strict JSON, RFC 8259),
     NumPy scalars made Python numbers; dicts and lists are copied."""
-    if isinstance(value, dict):
-        return {k: strict_json(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [strict_json(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+    return _replace_nonfinite(value, lambda x: None)
 
 
 def _encode(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _encode(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_encode(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
-    return value
+    return _replace_nonfinite(
+        value, lambda x: "NaN" if math.isnan(x) else ("Infinity" if x > 0 else "-Infinity")
+    )
 
 
 def _decode(value: Any) -> Any:

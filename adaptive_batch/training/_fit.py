@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import signal
-import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -31,6 +29,13 @@ from adaptive_batch.control import BatchPlan, BatchSizeController
 from adaptive_batch.data import Loader
 from adaptive_batch.training._callbacks import Callback, FitStart, ProgressBar
 from adaptive_batch.training._checkpoint import Checkpoints
+from adaptive_batch.training._devices import (
+    compile_next_bucket,
+    default_prefetch,
+    replicate_uncommitted,
+)
+from adaptive_batch.training._fit_result import FitResult, LoopCounters, NonFiniteError
+from adaptive_batch.training._interrupt import InterruptFlag
 from adaptive_batch.training._metrics import CompileCounter, History
 from adaptive_batch.training._schedule import EvalSchedule
 from adaptive_batch.training._step import TrainStep
@@ -43,65 +48,6 @@ _LOGGED = {
     "grad_norm": "grad_norm",
     "update_norm": "update_norm",
 }
-
-
-@dataclasses.dataclass
-class FitResult:
-    """What `fit` returns.
-
-    Attributes:
-      state: the trained state, in the form given to `fit` (``(params, opt_state)``, a
-        Linen ``TrainState``, or ``(model, optimizer)`` updated in place for NNX).
-      history: per-step and per-evaluation records (`History`).
-      steps: steps taken (counting those before a resume); examples: real examples
-        seen; wall_time: seconds of training (steps, data and compiles; evaluations
-        and checkpoints excluded), also counting those before a resume.
-      compiles: compiles of the train step in this process (``jax.monitoring``
-        events, including ahead-of-time compiles on the background thread).
-      controller: the controller (its ``history`` holds the batch-size changes).
-      skipped_steps: steps whose loss, gradient or update was not finite, skipped
-        (the state kept) by a step built with ``skip_nonfinite=True``.
-      stopped: why the loop ended: ``"budget"``, ``"interrupted"`` (Ctrl-C) or
-        ``"nonfinite"`` (see `NonFiniteError`).
-      resumed_step: the checkpoint step the run continued from (0: a new run).
-    """
-
-    state: Any
-    history: History
-    steps: int
-    examples: int
-    wall_time: float
-    compiles: int
-    controller: BatchSizeController
-    skipped_steps: int = 0
-    stopped: str = "budget"
-    resumed_step: int = 0
-
-
-class NonFiniteError(FloatingPointError):
-    """`fit` stopped after ``max_nonfinite_steps`` non-finite steps in a row.
-
-    Attributes:
-      result: the `FitResult` at the stop (with a skipping step, the state of the
-        last finite step; the last checkpoint, if any, is from before the run of
-        non-finite steps).
-    """
-
-    def __init__(self, message: str, result: FitResult):
-        super().__init__(message)
-        self.result = result
-
-
-@dataclasses.dataclass
-class _Counters:
-    """The loop's position (saved in checkpoints)."""
-
-    steps: int = 0
-    examples: int = 0
-    wall_time: float = 0.0
-    skipped_steps: int = 0
-    nonfinite_run: int = 0  # non-finite steps in a row, up to the last one read
-    warned: bool = False
 
 
 def fit(
@@ -214,7 +160,7 @@ def fit(
     own_loader = not isinstance(data, Loader)
     if own_loader:
         if prefetch is None:
-            prefetch = _default_prefetch(sharding)
+            prefetch = default_prefetch(sharding)
         loader = Loader(data, seed=seed, prefetch=prefetch, sharding=sharding)
     else:
         loader = data
@@ -235,25 +181,27 @@ def fit(
     checkpoints = None if checkpoint_dir is None else Checkpoints(checkpoint_dir, keep_checkpoints)
     counter = CompileCounter().start()
     history = History()
-    counters = _Counters()
+    counters = LoopCounters()
     carry = step.to_carry(state)
     if loader.sharding is not None:
-        carry = _replicate_uncommitted(carry, loader.sharding)
+        carry = replicate_uncommitted(carry, loader.sharding)
     resumed_step = 0
     if resume and checkpoints.latest_step() is not None:
         carry, meta = checkpoints.restore(carry)
         controller.load_state_dict(meta["controller"])
         loader.load_state_dict(meta["loader"])
-        counters = _Counters(**meta["counters"])
+        counters = LoopCounters(**meta["counters"])
         history = History(steps=meta["history"]["steps"], evals=meta["history"]["evals"])
         resumed_step = counters.steps
 
     requested = counters.examples
     pending: list[tuple[dict, dict]] = []  # records whose device metrics are unread
-    unread: list[tuple[dict, Any, Any, Any]] = []  # (record, finite, skipped, batch)
+    # (record, finite, skipped, where its batch starts: (epoch, index, batch_size))
+    unread: list[tuple[dict, Any, Any, tuple[int, int, int]]] = []
     paused = 0.0  # seconds spent evaluating and checkpointing since `start`
     stopped = "budget"
     stop_steps: list[int] = []  # the step at which max_nonfinite_steps was reached
+    bounds_warned = False
 
     def request(plan: BatchPlan) -> None:
         nonlocal requested
@@ -266,7 +214,7 @@ def fit(
     def read_flags(upto: int) -> None:
         """Count the non-finite steps up to step ``upto`` (their values are ready)."""
         while unread and unread[0][0]["step"] <= upto:
-            record, finite, skipped, batch = unread.pop(0)
+            record, finite, skipped, position = unread.pop(0)
             if bool(finite):
                 counters.nonfinite_run = 0
             else:
@@ -274,7 +222,7 @@ def fit(
                 counters.skipped_steps += int(skipped)
                 if not counters.warned:
                     counters.warned = True
-                    _warn_nonfinite(record["step"], bool(skipped), batch)
+                    _warn_nonfinite(record["step"], bool(skipped), *position)
             record["skipped_steps"] = counters.skipped_steps
             limit = max_nonfinite_steps
             if limit is not None and counters.nonfinite_run >= limit and not stop_steps:
@@ -313,7 +261,7 @@ def fit(
 
     for callback in callbacks:
         callback.on_start(FitStart(resumed_step, max_steps, max_examples, history))
-    interrupt = _InterruptFlag()
+    interrupt = InterruptFlag()
     start = time.perf_counter()
     base_wall = counters.wall_time
     final = counters.steps >= max_steps or counters.examples >= max_examples
@@ -329,13 +277,16 @@ def fit(
                 before, counters.examples = counters.examples, counters.examples + batch.batch_size
                 # The one device read per step (of step steps - lag): inside controller.next.
                 next_plan = controller.next(metrics.get("batch_size"))
+                if controller.outside_bounds is not None and not bounds_warned:
+                    bounds_warned = True
+                    _warn_bounds(controller)
                 final = (
                     counters.steps >= max_steps or requested >= max_examples or interrupt.is_set()
                 )
                 if not final:
                     request(next_plan)
                 if compile_ahead:
-                    _compile_next_bucket(step, controller, carry, batch, next_plan)
+                    compile_next_bucket(step, controller, carry, batch, next_plan)
                 counters.wall_time = base_wall + time.perf_counter() - start - paused
                 record = {
                     "step": counters.steps,
@@ -350,7 +301,8 @@ def fit(
                 }
                 history.steps.append(record)
                 pending.append((record, {k: metrics[k] for k in _LOGGED if k in metrics}))
-                unread.append((record, metrics["finite"], metrics["skipped"], batch))
+                position = (batch.epoch, batch.index, batch.batch_size)
+                unread.append((record, metrics["finite"], metrics["skipped"], position))
                 read_flags(counters.steps - controller.lag)
                 evaluate = eval_fn is not None and (
                     final or schedule.due(counters.steps, before, counters.examples)
@@ -407,33 +359,6 @@ class _Stop(Exception):
         self.step = step
 
 
-class _InterruptFlag:
-    """While entered (in the main thread): the first SIGINT sets the flag, a second one
-    raises KeyboardInterrupt as usual."""
-
-    def __init__(self):
-        self._event = threading.Event()
-        self._previous = None
-
-    def is_set(self) -> bool:
-        return self._event.is_set()
-
-    def _handle(self, signum, frame):
-        if self._event.is_set():
-            raise KeyboardInterrupt
-        self._event.set()
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *exc_info):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
-
-
 def _evaluate(eval_fn, state, record: dict, history: History) -> None:
     results = {k: _scalar(v) for k, v in dict(eval_fn(state)).items()}
     record.update(results)
@@ -450,21 +375,35 @@ def _scalar(value):
     return value
 
 
-def _warn_nonfinite(step: int, skipped: bool, batch) -> None:
+def _warn_nonfinite(step: int, skipped: bool, epoch: int, index: int, count: int) -> None:
     what = (
         "it was skipped: parameters, optimizer state and batch size are unchanged"
         if skipped
         else "its update was applied (skip_nonfinite=False)"
     )
     warnings.warn(
-        f"step {step} was non-finite (NaN or inf in the loss, gradient or update); {what}. "
-        f"Its {batch.batch_size} examples start at epoch {batch.epoch}, index {batch.index} "
-        f"of the loader's order: loader.example_indices({batch.epoch}, {batch.index}, "
-        f"{batch.batch_size}) gives their indices in the source (the loader fit made: "
+        f"step {step} was non-finite (NaN or inf in the loss, gradient, update or new "
+        f"state); {what}. "
+        f"Its {count} examples start at epoch {epoch}, index {index} of the loader's "
+        f"order: loader.example_indices({epoch}, {index}, {count}) gives their indices in "
+        "the source (the loader fit made: "
         "adaptive_batch.data.Loader(data, seed=seed)); evaluate loss_fn on them to find "
         "the culprits. Warned once per run; FitResult.skipped_steps counts them.",
         RuntimeWarning,
         stacklevel=4,
+    )
+
+
+def _warn_bounds(controller: BatchSizeController) -> None:
+    lo, hi = controller.min_batch_size, controller.max_batch_size
+    warnings.warn(
+        f"the batch-size rule asked for {controller.outside_bounds} examples, outside the "
+        f"controller's bounds [{lo}, {hi}], so the controller clamped it: the rule and the "
+        "BatchSizeController have different bounds. State them once: give the rule the "
+        f"controller's min_batch_size={lo} and max_batch_size={hi} (or the controller the "
+        "rule's). Warned once per run.",
+        UserWarning,
+        stacklevel=3,
     )
 
 
@@ -504,51 +443,3 @@ def _check_arguments(step, controller, steps, epochs, examples, compile_ahead, l
     if log_every is None:
         raise ValueError("log_every=None: pass a positive number of steps.")
     _positive_or_none("log_every", log_every)
-
-
-def _default_prefetch(sharding) -> int:
-    """2 when batches go to an accelerator; 0 on the CPU backend (no separate device to
-    overlap with: the prefetch thread only takes cores from the step)."""
-    devices = jax.devices() if sharding is None else list(sharding.device_set)
-    return 0 if all(d.platform == "cpu" for d in devices) else 2
-
-
-def _replicate_uncommitted(tree, sharding):
-    """Replicate the arrays the user did not place over the devices the batches go to.
-
-    A step's outputs are committed to those devices; replicating its inputs up front
-    gives the first step the same compiled shape (and cache entry) as all later ones.
-    """
-    mesh = getattr(sharding, "mesh", None)
-    if not isinstance(mesh, jax.sharding.Mesh):
-        devices = sorted(sharding.device_set, key=lambda d: d.id)
-        mesh = jax.sharding.Mesh(np.array(devices), ("devices",))
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-    def place(x):
-        if isinstance(x, jax.Array) and not x.committed:
-            return jax.device_put(x, replicated)
-        return x
-
-    return jax.tree.map(place, tree)
-
-
-def _compile_next_bucket(step, controller, carry, batch, plan: BatchPlan) -> None:
-    """Start compiling the step for the bucket above ``plan``'s (if any) in the background."""
-    buckets = controller.buckets
-    if buckets is None:
-        return
-    larger = [b for b in buckets if b > plan.padded_size]
-    if not larger:
-        return
-    target = controller.plan_for(min(larger[0], controller.max_batch_size))
-    rows = target.padded_size
-
-    def like(x):
-        shape = (rows, *tuple(np.shape(x))[1:])
-        committed = isinstance(x, jax.Array) and x.committed
-        sharding = x.sharding if committed else None
-        return jax.ShapeDtypeStruct(shape, x.dtype, sharding=sharding)
-
-    data, mask = jax.tree.map(like, (batch.data, batch.mask))
-    step.compile_ahead(carry, data, mask, target.num_microbatches)

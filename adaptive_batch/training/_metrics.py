@@ -58,9 +58,10 @@ def step_metrics(
     * ``count``: b, the number of real examples (float32).
     * ``grad_norm``: ‖ḡ‖ of the mean gradient; ``update_norm``: ‖u‖ of the update
       (when ``updates`` is given), so ‖u‖ / ‖ḡ‖ is the step's effective learning rate.
-    * ``finite``: the loss and every entry of the mean gradient, the update (when
-      given), the new parameters (when given) and the new optimizer state are finite.
-      (A finite but huge update can overflow the parameters: that step is not finite.)
+    * ``finite``: the loss and every entry of the new parameters (when given) and the
+      new optimizer state are finite. A NaN or inf in the gradient or the update
+      reaches one of them (or was masked by the optimizer, doing no harm); a finite but
+      overflowing update too.
     * ``skipped``: 1 when the step was skipped (``skip_nonfinite`` and not ``finite``:
       the train step then keeps its parameters and optimizer state), else 0 (int32).
     * ``batch_size``: the batch size the optimizer's rules want next (int32), when the
@@ -68,19 +69,19 @@ def step_metrics(
       the one of ``previous_opt_state``.
     * ``learning_rate``: when the optimizer was built with ``optax.inject_hyperparams``.
     """
-    grad = stats.mean_grad
-    finite = jnp.isfinite(stats.loss_sum) & _all_finite(grad)
     metrics = {
         "loss": stats.mean_loss,
         "count": stats.count,
-        "grad_norm": optax.tree.norm(grad),
+        "grad_norm": optax.tree.norm(stats.mean_grad),
     }
     if updates is not None:
         metrics["update_norm"] = optax.tree.norm(updates)
-        finite &= _all_finite(updates)
+    # A NaN or inf in the gradient or the update reaches the new parameters or the
+    # optimizer state (or was masked by the optimizer, and then did no harm): checking
+    # the new state finds it, and a finite but overflowing update too.
+    finite = jnp.isfinite(stats.loss_sum) & _all_finite(opt_state)
     if params is not None:
         finite &= _all_finite(params)
-    finite &= _all_finite(opt_state)
     skipped = jnp.logical_not(finite) if skip_nonfinite else jnp.zeros((), bool)
     metrics["finite"] = finite
     metrics["skipped"] = skipped.astype(jnp.int32)

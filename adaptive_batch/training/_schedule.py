@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-
-def _positive(name: str, value) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f"{name}={value!r} must be a positive int (or None).")
+from adaptive_batch.control._checks import as_int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,8 +36,9 @@ class EvalSchedule:
     powers_of_two: bool = False
 
     def __post_init__(self):
-        _positive("steps", self.steps)
-        _positive("examples", self.examples)
+        for name in ("steps", "examples"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, as_int(name, getattr(self, name), minimum=1))
         if not isinstance(self.powers_of_two, bool):
             raise TypeError(f"powers_of_two must be True or False, got {self.powers_of_two!r}.")
 
