@@ -4,10 +4,10 @@ Per step the host dispatches the compiled step, hands the step's suggested batch
 (a device int32 scalar) to the controller, and requests the next batch from the loader.
 The controller turns the suggestion into a Python int when it applies it: at once with
 ``lag=0`` (the host waits for the step), one step later with ``lag=1`` (the host builds
-and ships the next batch while the device runs this step). The step's ``finite`` flag
-is read at the same point, so a run of non-finite steps stops the loop exactly. Losses
-and the other metrics stay on the device until the history is flushed, every
-``log_every`` steps, in one transfer.
+and ships the next batch while the device runs this step). The step's other metrics
+come to the host as one float32 vector a step, read one step behind (or ``lag`` steps),
+so the host never waits for the step it just dispatched; they complete the step's
+record, count non-finite steps, and reach the callbacks every ``log_every`` steps.
 
 Checkpoints (`adaptive_batch.training._checkpoint`) hold everything the loop's future
 depends on, so a resumed run takes the same steps as an uninterrupted one.
@@ -195,9 +195,10 @@ def fit(
         resumed_step = counters.steps
 
     requested = counters.examples
-    pending: list[tuple[dict, dict]] = []  # records whose device metrics are unread
-    # (record, finite, skipped, where its batch starts: (epoch, index, batch_size))
-    unread: list[tuple[dict, Any, Any, tuple[int, int, int]]] = []
+    # Records whose metrics are still on the device: (record, metric names, the step's
+    # summary vector, where its batch starts: (epoch, index, batch_size)).
+    unread: list[tuple[dict, list[str], Any, tuple[int, int, int]]] = []
+    unsent: list[dict] = []  # complete records not yet passed to the callbacks
     paused = 0.0  # seconds spent evaluating and checkpointing since `start`
     stopped = "budget"
     stop_steps: list[int] = []  # the step at which max_nonfinite_steps was reached
@@ -211,34 +212,38 @@ def fit(
         loader.request(plan)
         requested += plan.batch_size
 
-    def read_flags(upto: int) -> None:
-        """Count the non-finite steps up to step ``upto`` (their values are ready)."""
+    def read(upto: float) -> None:
+        """Complete the records up to step ``upto`` (their values are ready): one
+        transfer each; count the non-finite steps."""
         while unread and unread[0][0]["step"] <= upto:
-            record, finite, skipped, position = unread.pop(0)
-            if bool(finite):
+            record, names, summary, position = unread.pop(0)
+            values = dict(zip(names, np.asarray(summary).tolist(), strict=True))
+            for name, key in _LOGGED.items():
+                if name in values:
+                    record[key] = values[name]
+            if "suggested_batch_size" in record:
+                record["suggested_batch_size"] = int(record["suggested_batch_size"])
+            if values["finite"]:
                 counters.nonfinite_run = 0
             else:
                 counters.nonfinite_run += 1
-                counters.skipped_steps += int(skipped)
+                counters.skipped_steps += int(values["skipped"])
                 if not counters.warned:
                     counters.warned = True
-                    _warn_nonfinite(record["step"], bool(skipped), *position)
+                    _warn_nonfinite(record["step"], bool(values["skipped"]), *position)
             record["skipped_steps"] = counters.skipped_steps
             limit = max_nonfinite_steps
             if limit is not None and counters.nonfinite_run >= limit and not stop_steps:
                 stop_steps.append(record["step"])
+            unsent.append(record)
 
     def flush(emit_last: bool = True) -> None:
-        read_flags(math.inf)
-        values = jax.device_get([metrics for _, metrics in pending])
-        for (record, _), metrics in zip(pending, values, strict=True):
-            for key, value in metrics.items():
-                record[_LOGGED[key]] = np.asarray(value).item()
-        emitted = pending if emit_last else pending[:-1]
-        for record, _ in emitted:
+        read(math.inf)
+        emitted = unsent if emit_last else unsent[:-1]
+        for record in emitted:
             for callback in callbacks:
                 callback.on_step(record)
-        del pending[: len(emitted)]
+        del unsent[: len(emitted)]
 
     def result() -> FitResult:
         return FitResult(
@@ -272,10 +277,12 @@ def fit(
             while not final:
                 batch = loader.next()
                 plan = batch.plan
-                carry, metrics = step.run(carry, batch.data, batch.mask, plan.num_microbatches)
+                carry, metrics, summary = step.run_with_summary(
+                    carry, batch.data, batch.mask, plan.num_microbatches
+                )
                 counters.steps += 1
                 before, counters.examples = counters.examples, counters.examples + batch.batch_size
-                # The one device read per step (of step steps - lag): inside controller.next.
+                # Reads step (steps - lag)'s suggestion, the one value the next plan needs.
                 next_plan = controller.next(metrics.get("batch_size"))
                 if controller.outside_bounds is not None and not bounds_warned:
                     bounds_warned = True
@@ -300,10 +307,11 @@ def fit(
                     "skipped_steps": counters.skipped_steps,
                 }
                 history.steps.append(record)
-                pending.append((record, {k: metrics[k] for k in _LOGGED if k in metrics}))
                 position = (batch.epoch, batch.index, batch.batch_size)
-                unread.append((record, metrics["finite"], metrics["skipped"], position))
-                read_flags(counters.steps - controller.lag)
+                unread.append((record, sorted(metrics), summary, position))
+                # Read a step behind (or the controller's lag): the host never waits for
+                # the step it just dispatched, so the device always has one queued.
+                read(counters.steps - max(controller.lag, 1))
                 evaluate = eval_fn is not None and (
                     final or schedule.due(counters.steps, before, counters.examples)
                 )
@@ -318,7 +326,7 @@ def fit(
                     pause = time.perf_counter()
                     if evaluate:
                         _evaluate(eval_fn, step.from_carry(carry, state), record, history)
-                        pending.clear()  # flush left this step's record for after the evaluation
+                        unsent.clear()  # flush left this step's record for after the evaluation
                         for callback in callbacks:
                             callback.on_step(record)
                             callback.on_eval(history.evals[-1])
