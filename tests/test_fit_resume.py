@@ -52,14 +52,16 @@ def loss_fn(w, batch):
 
 def source(n=200):
     x = np.random.default_rng(0).normal(size=(n, 3)).astype(np.float32)
-    return {"x": x, "y": x @ np.array([1.0, -2.0, 0.5], np.float32)}
+    noise = np.random.default_rng(1).normal(size=n).astype(np.float32)
+    return {"x": x, "y": x @ np.array([1.0, -2.0, 0.5], np.float32) + noise}
 
 
 def run_fit(checkpoint_dir, *, steps, resume=False, eval_every=None, lag=0):
-    tx = ab.cabs(0.05, min_batch_size=4, max_batch_size=64)
+    # The norm test grows the batch as the gradient shrinks against the noise.
+    tx = optax.chain(ab.norm_test(0.5, min_batch_size=4, max_batch_size=64), optax.sgd(0.05))
     step = ab.make_train_step(loss_fn, tx)
     w = jnp.zeros(3)
-    controller = ab.BatchSizeController(4, 64, monotone=False, lag=lag)
+    controller = ab.BatchSizeController(4, 64, fill_buckets=False, lag=lag)
     return ab.fit(
         step, (w, tx.init(w)), source(), controller, steps=steps, progress=False,
         checkpoint_dir=checkpoint_dir, checkpoint_every=7, resume=resume,
@@ -77,6 +79,9 @@ def test_a_longer_budget_continues_from_the_checkpoint(tmp_path, lag):
     assert first.steps == 27 and Checkpoints(tmp_path / "parts").latest_step() == 27
     rest = run_fit(tmp_path / "parts", steps=50, resume=True, eval_every=9, lag=lag)
     assert rest.resumed_step == 27 and rest.steps == 50
+    sizes = whole.history.column("batch_size")
+    # The batch size moves on both sides of the checkpoint, far from where it started.
+    assert len(set(sizes[:27])) > 2 and len(set(sizes[27:])) > 1 and sizes[27] > 4
     assert without(rest.history.steps) == without(whole.history.steps)
     assert without(rest.history.evals) == without(whole.history.evals)
     np.testing.assert_array_equal(rest.state[0], whole.state[0])
