@@ -109,6 +109,23 @@ def test_ctrl_c_stops_writes_everything_and_resumes(reference, tmp_path):
     assert_same_run(out, reference, extra_eval_at=summary["steps"])
 
 
+def test_sigterm_stops_like_ctrl_c_with_exit_143(tmp_path):
+    """A scheduler's preemption: SIGTERM ends the run after the step with a checkpoint
+    and the summary (``"stopped": "terminated"``), exit 128 + 15."""
+    out = tmp_path / "run"
+    process = subprocess.Popen(command(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while count_rows(out / "metrics.jsonl") < 30:
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.005)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err.decode()[-2000:]
+    summary = strict(out / "summary.json")
+    assert summary["stopped"] == "terminated" and summary["interrupted"] is True
+    assert summary["steps"] == len(read_rows(out / "metrics.jsonl")) == final_params(out)[0]
+
+
 def _run(argv, capsys):
     code = main(argv)
     out, err = capsys.readouterr()

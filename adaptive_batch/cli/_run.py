@@ -159,7 +159,8 @@ def run(
         "final_batch_size": result.controller.plan.batch_size,
         "skipped_steps": result.skipped_steps,
         "diverged": stop_reason is not None,
-        "interrupted": result.stopped == "interrupted",
+        "interrupted": result.stopped in ("interrupted", "terminated"),
+        "stopped": result.stopped,
         "resumed_step": result.resumed_step,
     }
     if stop_reason is not None:

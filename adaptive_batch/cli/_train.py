@@ -7,7 +7,8 @@ provenance), ``metrics.jsonl`` (one JSON object per step), ``summary.json``, PNG
 file is strict JSON: a non-finite number is written as ``null``.
 
 Exit codes: 0 done, 2 bad options, 3 diverged (non-finite steps or a non-finite loss
-of the trained parameters), 130 interrupted (Ctrl-C; checkpoint and summary written).
+of the trained parameters), 130 interrupted by Ctrl-C, 143 by SIGTERM (checkpoint and
+summary written).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from adaptive_batch.datasets import Dataset
 from adaptive_batch.training import strict_json
 
 EXIT_DIVERGED = 3
-EXIT_INTERRUPTED = 130
+EXIT_STOPPED = {"interrupted": 130, "terminated": 143}  # 128 + SIGINT / SIGTERM
 #: config.json entries that may differ when resuming (they do not change the steps).
 _MAY_DIFFER = {"command", "versions", "target", "checkpoint_every", "spectrum"}
 
@@ -189,8 +190,7 @@ def train_command(args) -> int:
     import jax
 
     if jax.process_index() != 0:  # process 0 reports for all
-        return EXIT_DIVERGED if summary["diverged"] else (
-            EXIT_INTERRUPTED if summary["interrupted"] else 0)  # fmt: skip
+        return EXIT_DIVERGED if summary["diverged"] else EXIT_STOPPED.get(summary["stopped"], 0)
     print(summary_table(summary))
     print(f"run directory: {out}")
     if summary["diverged"]:
@@ -201,6 +201,6 @@ def train_command(args) -> int:
         return EXIT_DIVERGED
     if summary["interrupted"]:
         resume = "" if checkpoint_every is None else f"; continue with --resume --out {out}"
-        print(f"interrupted after step {summary['steps']}{resume}.", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        print(f"{summary['stopped']} after step {summary['steps']}{resume}.", file=sys.stderr)
+        return EXIT_STOPPED[summary["stopped"]]
     return 0

@@ -119,9 +119,11 @@ def fit(
         the callbacks every this many steps.
       progress: show a tqdm progress bar (`ProgressBar`) with the batch size and loss.
 
-    Ctrl-C (SIGINT, when `fit` runs in the main thread) stops the loop after the
-    current step: a last evaluation and checkpoint, then the result with
-    ``stopped="interrupted"``. A second Ctrl-C raises ``KeyboardInterrupt`` at once.
+    Ctrl-C (SIGINT) and SIGTERM (a scheduler's preemption), when `fit` runs in the
+    main thread, stop the loop after the current step: a last evaluation and
+    checkpoint, then the result with ``stopped="interrupted"`` (SIGINT) or
+    ``"terminated"`` (SIGTERM). A second signal stops at once (``KeyboardInterrupt``,
+    ``SystemExit``).
 
     Returns:
       A `FitResult` (trained state, history, counts).
@@ -334,7 +336,7 @@ def fit(
                         save()
                     paused += time.perf_counter() - pause
             if interrupt.is_set():
-                stopped = "interrupted"
+                stopped = interrupt.stopped
         jax.block_until_ready(carry)
     except _Stop as stop:
         stopped = "nonfinite"

@@ -25,8 +25,8 @@ class FitResult:
       controller: the controller (its ``history`` holds the batch-size changes).
       skipped_steps: steps whose loss, gradient or update was not finite, skipped
         (the state kept) by a step built with ``skip_nonfinite=True``.
-      stopped: why the loop ended: ``"budget"``, ``"interrupted"`` (Ctrl-C) or
-        ``"nonfinite"`` (see `NonFiniteError`).
+      stopped: why the loop ended: ``"budget"``, ``"interrupted"`` (Ctrl-C),
+        ``"terminated"`` (SIGTERM) or ``"nonfinite"`` (see `NonFiniteError`).
       resumed_step: the checkpoint step the run continued from (0: a new run).
     """
 
