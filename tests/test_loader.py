@@ -445,3 +445,18 @@ with Loader({{"x": np.arange(10)}}, prefetch=1) as loader:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "4"
+
+
+def test_batch_carries_its_plan_and_passes_through_jit():
+    import jax
+    import jax.numpy as jnp
+
+    from adaptive_batch import BatchPlan
+
+    source = {"x": np.arange(20.0).reshape(10, 2)}
+    with Loader(source, seed=0) as loader:
+        batch = loader.next(BatchPlan(5, 8, num_microbatches=2))
+        plain = loader.next(3)
+    assert batch.plan == BatchPlan(5, 8, num_microbatches=2) and batch.num_microbatches == 2
+    assert plain.plan == BatchPlan(3, 3)
+    assert int(jax.jit(lambda b: jnp.sum(b.mask))(batch)) == 5  # a pytree of arrays and ints

@@ -45,9 +45,11 @@ class Batch(NamedTuple):
       epoch, index: position of the first row in the stream: epoch number and index
         within that epoch's order. A batch that crosses the end of the epoch continues
         at index 0 of epoch + 1. `Loader.example_indices` gives the source indices.
-      plan: the `adaptive_batch.BatchPlan` the batch was built for (a plain size n
-        is the plan of n rows without padding), so a loop needs no queue of plans
-        beside the loader's.
+      num_microbatches: the plan's number of micro-batches (1 for a plain size).
+
+    ``batch.plan`` gives the `adaptive_batch.BatchPlan` the batch was built for, so a
+    loop needs no queue of plans beside the loader's. All fields are arrays or ints,
+    so a whole `Batch` can be passed to a jitted function.
     """
 
     data: PyTree
@@ -55,7 +57,13 @@ class Batch(NamedTuple):
     batch_size: int
     epoch: int
     index: int
-    plan: BatchPlan
+    num_microbatches: int = 1
+
+    @property
+    def plan(self) -> BatchPlan:
+        """The plan of this batch: its real rows, padded rows and micro-batches."""
+        padded_size = int(np.shape(self.mask)[0])
+        return BatchPlan(self.batch_size, padded_size, self.num_microbatches)
 
 
 class _Builder:
@@ -90,7 +98,7 @@ class _Builder:
         if self.sharding is not None:
             data, mask = _placement.place(data, mask, self.sharding, padded_size)
         epoch, index = divmod(position, self.order.num_examples)
-        return Batch(data, mask, len(indices), epoch, index, plan)
+        return Batch(data, mask, len(indices), epoch, index, plan.num_microbatches)
 
     def _gather(self, rows, size, indices):
         if len(rows) or not len(indices):
