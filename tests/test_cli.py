@@ -271,3 +271,22 @@ def test_spectrum_top_eigenvalue_matches_dense_hessian(tmp_path):
         hessian = jax.jit(jax.hessian(lambda w: jnp.mean(fns.loss_fn(unravel(w), batch))))(flat)
         dense_top = np.linalg.eigvalsh(np.asarray(hessian))[-1]
     assert result["top_eigenvalue"] == pytest.approx(dense_top, rel=1e-3)
+
+
+def test_report_calls_a_tie_a_tie():
+    from adaptive_batch.cli._report import report_markdown
+
+    def summary(steps):
+        reached = {"steps": steps, "examples": 10 * steps, "wall_time_s": 0.5}
+        return {"lr": 0.3, "tolerance": None, "test_accuracy": 0.93, "steps": 900,
+                "final_batch_size": 16, "wall_time_s": 1.0, "to_target": reached}  # fmt: skip
+
+    def verdict(**steps):
+        report = report_markdown({n: summary(s) for n, s in steps.items()}, title="t",
+                                 target=0.9, budget=1000, plots=[])  # fmt: skip
+        return next(line for line in report.splitlines() if line.startswith("Fewest"))
+
+    assert verdict(cabs=102, sgd=102) == (
+        "Fewest optimizer steps to 90%: **cabs** and **sgd** (102 each, a tie)."
+    )
+    assert verdict(cabs=102, sgd=103) == "Fewest optimizer steps to 90%: **cabs** (102)."

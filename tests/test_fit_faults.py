@@ -208,3 +208,21 @@ def test_flax_steps_skip_a_nan_batch_and_keep_their_state():
     assert int(metrics["skipped"]) == 1 and int(new_state.step) == 0
     for a, b in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(params), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_wrong_state_for_the_step_and_a_tiny_epoch_budget_say_what_to_do():
+    from flax import nnx
+
+    model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+    step = ab.make_train_step(loss_fn, optax.sgd(0.1))
+    with pytest.raises(TypeError, match="needs make_nnx_train_step"):
+        ab.fit(step, (model, optimizer), source(bad=None), ab.BatchSizeController(8, 8), steps=1)
+    with pytest.raises(TypeError, match="needs make_nnx_train_step"):
+        step(model, optimizer, source(bad=None))
+    with pytest.raises(TypeError, match="make_linen_train_step"):
+        ab.fit(step, {"w": jnp.zeros(3)}, source(bad=None), ab.BatchSizeController(8, 8), steps=1)
+    w = jnp.zeros(3)
+    with pytest.raises(ValueError, match=r"epochs=1e-06 of 256 examples is less than one"):
+        ab.fit(step, (w, optax.sgd(0.1).init(w)), source(bad=None), ab.BatchSizeController(8, 8),
+               epochs=1e-6)  # fmt: skip

@@ -111,11 +111,11 @@ def report_markdown(
     ]
     reached = {n: s["to_target"]["steps"] for n, s in summaries.items() if s.get("to_target")}
     if reached:
-        fastest = min(reached, key=reached.get)
-        lines += [
-            f"Fewest optimizer steps to {target:.0%}: **{fastest}** ({reached[fastest]:,}).",
-            "",
-        ]
+        fewest = min(reached.values())
+        tied = [name for name, steps in reached.items() if steps == fewest]
+        names = " and ".join(f"**{name}**" for name in tied)
+        each = " each, a tie" if len(tied) > 1 else ""
+        lines += [f"Fewest optimizer steps to {target:.0%}: {names} ({fewest:,}{each}).", ""]
     missed = [n for n, s in summaries.items() if not s.get("to_target")]
     if missed:
         lines += [f"Did not reach {target:.0%} within the budget: {', '.join(missed)}.", ""]

@@ -174,6 +174,11 @@ def fit(
     max_steps = math.inf if steps is None else steps
     max_examples = math.inf if examples is None else examples
     if epochs is not None:
+        if round(epochs * loader.num_examples) < 1:
+            raise ValueError(
+                f"epochs={epochs!r} of {loader.num_examples} examples is less than one "
+                f"example; pass epochs >= {1 / loader.num_examples:.3g}, or examples=."
+            )
         max_examples = min(max_examples, round(epochs * loader.num_examples))
 
     main_process = jax.process_index() == 0

@@ -273,7 +273,19 @@ class PlainTrainStep(TrainStep):
         return (params, new_opt_state), metrics
 
     def to_carry(self, state):
+        if not (isinstance(state, tuple | list) and len(state) == 2):
+            raise TypeError(
+                f"a make_train_step step trains state=(params, opt_state), got "
+                f"{type(state).__name__}. For a Flax Linen TrainState use "
+                "make_linen_train_step, for (model, optimizer) of Flax NNX "
+                "make_nnx_train_step."
+            )
         params, opt_state = state
+        if isinstance(params, nnx.Module) or isinstance(opt_state, nnx.Optimizer):
+            raise TypeError(
+                "state=(model, optimizer) of Flax NNX needs make_nnx_train_step(loss_fn), "
+                "not make_train_step (which trains a pytree of parameters)."
+            )
         return params, opt_state
 
     def __call__(self, params, opt_state, data, mask=None, *, num_microbatches: int = 1):
@@ -283,7 +295,8 @@ class PlainTrainStep(TrainStep):
         ``num_microbatches``: k, accumulate over k micro-batches (rows ``j::k``)."""
         if mask is None:
             mask = _ones_mask(data)
-        (params, opt_state), metrics = self.run((params, opt_state), data, mask, num_microbatches)
+        carry = self.to_carry((params, opt_state))
+        (params, opt_state), metrics = self.run(carry, data, mask, num_microbatches)
         return params, opt_state, metrics
 
 
