@@ -170,6 +170,7 @@ def test_compare_writes_report_with_table(tmp_path, capsys):
         (["train", "--lr", "0"], "--lr 0.0 must be a positive"),
         (["train", "--devices", "64"], "--devices 64 but JAX sees"),
         (["train", "--num-samples", "123"], "multiple of 10"),
+        (["train", "--dataset", "digits", "--num-samples", "900"], "mnist1d only; digits"),
         (["train", "--target", "1.5"], "--target 1.5"),
         (["compare", "--methods", "cabs,cabs"], "lists cabs twice"),
         (["compare", "--methods", "cabs,nope"], "unknown method 'nope'"),

@@ -80,9 +80,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         help="data-parallel devices to shard each batch over (batch sizes become multiples)",
     )  # fmt: skip
     p.add_argument(
-        "--num-samples", type=int, default=5000,
-        help="MNIST-1D size: total examples, 80%% for training (5000: the published "
-        "4000 / 1000 split)",
+        "--num-samples", type=int, default=None,
+        help="MNIST-1D size: total examples, 80%% for training (default 5000: the "
+        "published 4000 / 1000 split); mnist1d only",
     )  # fmt: skip
     p.add_argument(
         "--evals", type=int, default=100, help="test-set evaluations spread over the budget"

@@ -35,7 +35,7 @@ class Options:
     lr: float | None
     seed: int
     devices: int
-    num_samples: int
+    num_samples: int | None  # MNIST-1D's size; None: its default
     evals: int
     stats_backend: str
     eta: float | None = None
@@ -79,6 +79,11 @@ def common(args) -> Options:
     if args.model not in MODEL_NAMES:
         raise UsageError(
             f"unknown model {args.model!r}; use --model with one of {', '.join(MODEL_NAMES)}."
+        )
+    if args.num_samples is not None and args.dataset != "mnist1d":
+        raise UsageError(
+            f"--num-samples sets the size of mnist1d only; {args.dataset} has a fixed size. "
+            "Leave out --num-samples, or use --dataset mnist1d."
         )
     _positive_int("--min-batch-size", args.min_batch_size)
     _positive_int("--max-batch-size", args.max_batch_size)
@@ -136,7 +141,7 @@ def target(value: float | None) -> float | None:
 
 
 def dataset(options: Options) -> Dataset:
-    kwargs = {"num_samples": options.num_samples} if options.dataset == "mnist1d" else {}
+    kwargs = {} if options.num_samples is None else {"num_samples": options.num_samples}
     try:
         return load_dataset(options.dataset, **kwargs)
     except ValueError as error:  # the loaders' messages name the value and the fix
