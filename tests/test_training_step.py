@@ -269,3 +269,20 @@ def test_step_rejects_bad_input():
     params = init_params()
     with pytest.raises(ValueError, match="num_microbatches=3"):
         step(params, optax.sgd(0.1).init(params), make_data(16), num_microbatches=3)
+
+
+def test_a_mask_between_0_and_1_is_refused():
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    import pytest
+
+    import adaptive_batch as ab
+
+    tx = optax.sgd(0.1)
+    step = ab.make_train_step(lambda w, b: (b["x"] @ w) ** 2, tx)
+    w = jnp.zeros(3)
+    data = {"x": np.ones((4, 3), np.float32)}
+    with pytest.raises(ValueError, match=r"mask holds \[0.5\]: a mask marks each row"):
+        step(w, tx.init(w), data, np.array([1.0, 0.5, 1.0, 0.0], np.float32))
+    step(w, tx.init(w), data, np.array([1.0, 1.0, 0.0, 0.0], np.float32))  # 0 and 1: fine

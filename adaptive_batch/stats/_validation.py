@@ -10,6 +10,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 PyTree = Any
 
@@ -69,6 +70,24 @@ def check_mask(mask, batch_size: int) -> None:
         raise ValueError(
             f"mask has shape {jnp.shape(mask)}, but the batch has {batch_size} rows: pass a "
             f"mask of shape ({batch_size},) with 1 for real examples and 0 for padding."
+        )
+
+
+def check_mask_values(mask) -> None:
+    """On the host, before a jitted step: a mask that is not boolean must hold only 0
+    and 1 (inside a step ``mask != 0`` would read 0.5 as a real example). Boolean
+    masks, and arrays already inside a trace, are not looked at."""
+    if mask is None or isinstance(mask, jax.core.Tracer):
+        return
+    dtype = getattr(mask, "dtype", None)
+    if dtype is not None and jnp.dtype(dtype) == jnp.bool_:
+        return
+    values = np.unique(np.asarray(mask))
+    odd = [v for v in values.tolist() if v not in (0, 1)]
+    if odd:
+        raise ValueError(
+            f"mask holds {odd[:5]}: a mask marks each row as real (1) or padding (0), "
+            "nothing in between. To weight examples, scale their losses in loss_fn."
         )
 
 

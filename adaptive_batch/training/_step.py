@@ -20,6 +20,7 @@ import optax
 from flax import nnx
 
 from adaptive_batch.stats import GradStats, per_example_stats
+from adaptive_batch.stats._validation import check_mask_values
 from adaptive_batch.training._accumulate import batch_stats
 from adaptive_batch.training._metrics import keep_if_skipped, step_metrics
 from adaptive_batch.training._plain import plain_stats_fn
@@ -205,6 +206,7 @@ class TrainStep:
     def run_with_summary(self, carry, data, mask, num_microbatches: int = 1):
         """`run`, plus the metrics as one float32 vector in the order of
         ``sorted(metrics)`` (what `fit` reads to the host: one transfer a step)."""
+        check_mask_values(mask)
         key = (_rows(data), num_microbatches)
         future = self._ahead.get(key)
         if future is not None:
