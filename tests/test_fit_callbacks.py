@@ -41,11 +41,13 @@ def test_metrics_writer_is_strict_and_drops_rows_after_the_checkpoint(tmp_path):
     assert rows[2]["loss"] is None and rows[2]["non_finite"] == ["loss"]
     assert rows[0]["learning_rate"] == 0.1 and rows[0]["x"] == 2.0
     assert "NaN" not in path.read_text()
-    # A crash cut the last line in half; the run resumes from the checkpoint of step 3.
+    # A crash cut the last line in half; the run resumes from the checkpoint of step 3,
+    # whose history holds steps 1 to 3.
     with open(path, "a") as f:
         f.write('{"step": 6, "lo')
     writer = MetricsWriter(path)
-    writer.on_start(FitStart(3, math.inf, 100, History()))
+    history = History(steps=[{"step": s, "loss": 0.5} for s in (1, 2, 3)])
+    writer.on_start(FitStart(3, math.inf, 100, history))
     writer.on_step({"step": 4, "loss": 0.25})
     writer.on_end(None)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]

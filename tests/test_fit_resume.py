@@ -115,3 +115,36 @@ def test_checkpoint_arguments_are_checked(tmp_path):
     with pytest.raises(ValueError, match="checkpoint_every=0 must be a positive int"):
         ab.fit(step, state, source(), controller, steps=3, checkpoint_dir=tmp_path,
                checkpoint_every=0)  # fmt: skip
+
+
+def test_a_new_run_into_a_directory_with_checkpoints_is_refused(tmp_path):
+    run_fit(tmp_path / "ckpt", steps=7)
+    with pytest.raises(ValueError, match="holds checkpoints of another run"):
+        run_fit(tmp_path / "ckpt", steps=7)
+
+
+def test_resume_with_other_shapes_is_refused_with_a_message(tmp_path):
+    run_fit(tmp_path / "ckpt", steps=7)
+    tx = optax.chain(ab.norm_test(0.5, min_batch_size=4, max_batch_size=64), optax.sgd(0.05))
+    step = ab.make_train_step(lambda w, b: (b["x"] @ w[:3] - b["y"]) ** 2, tx)
+    w = jnp.zeros(4)  # one more parameter than the checkpoint's
+    with pytest.raises(ValueError, match="do not fit this model and optimizer"):
+        ab.fit(step, (w, tx.init(w)), source(), ab.BatchSizeController(4, 64), steps=9,
+               progress=False, checkpoint_dir=tmp_path / "ckpt", resume=True)  # fmt: skip
+
+
+def test_fit_arguments_get_one_line_errors(tmp_path):
+    tx = optax.sgd(0.1)
+    step = ab.make_train_step(loss_fn, tx)
+    state = (jnp.zeros(3), tx.init(jnp.zeros(3)))
+    controller = ab.BatchSizeController(4, 4)
+    cases = [
+        ({"resume": "yes", "checkpoint_dir": tmp_path}, TypeError, "resume must be True or False"),
+        ({"eval_every": 5}, ValueError, "eval_every needs eval_fn"),
+        ({"callbacks": ab.training.ProgressBar()}, TypeError, "callbacks must be a list"),
+        ({"eval_fn": lambda s: 0.5}, TypeError, "eval_fn must return a dict"),
+        ({"log_every": 0}, ValueError, "log_every=0 must be a positive int"),
+    ]
+    for kwargs, error, message in cases:
+        with pytest.raises(error, match=message):
+            ab.fit(step, state, source(), controller, steps=2, progress=False, **kwargs)

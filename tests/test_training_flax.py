@@ -145,3 +145,20 @@ def test_nnx_step_with_plain_optax_equals_nnx_grad_update(digits):
         strict=True,
     ):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_nnx_update_norm_is_the_step_taken():
+    """NNX applies the update in place: the norm is taken against the parameters
+    before the step (it once read them after, and was always 0)."""
+    model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+    before = [np.array(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
+    step = ab.make_nnx_train_step(
+        lambda m, b: optax.softmax_cross_entropy_with_integer_labels(m(b["x"]), b["y"])
+    )
+    data = {"x": np.ones((8, 3), np.float32), "y": np.zeros(8, np.int32)}
+    metrics = step(model, optimizer, data)
+    after = [np.array(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
+    moved = np.sqrt(sum(np.sum((a - b) ** 2) for a, b in zip(after, before, strict=True)))
+    assert moved > 0
+    np.testing.assert_allclose(float(metrics["update_norm"]), moved, rtol=1e-5)

@@ -61,8 +61,9 @@ def write_json(path: Path, obj: Any) -> None:
     tmp.replace(path)
 
 
-def check_resumable(out: Path, config: dict[str, Any]) -> None:
-    """Refuse ``--resume`` where there is nothing to resume or the options differ."""
+def check_resumable(out: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """Refuse ``--resume`` where there is nothing to resume or the options differ;
+    return the saved run's config."""
     from adaptive_batch.training._checkpoint import Checkpoints
 
     saved_path = out / "config.json"
@@ -92,6 +93,7 @@ def check_resumable(out: Path, config: dict[str, Any]) -> None:
             f"--resume: options differ from the run in {out} ({'; '.join(differ)}); pass "
             "that run's options, or train into a new --out."
         )
+    return saved
 
 
 def train_one(
@@ -143,7 +145,10 @@ def train_one(
     }  # fmt: skip
     config = strict_json(config)  # tuples as lists, as config.json holds them
     if resume:
-        check_resumable(out, config)
+        saved = check_resumable(out, config)
+        if checkpoint_every is None:  # keep checkpointing as the run did
+            checkpoint_every = run_config.checkpoint_every = saved.get("checkpoint_every")
+            config["checkpoint_every"] = checkpoint_every
     write_json(out / "config.json", config)
 
     summary, rows, params = run(
@@ -183,6 +188,10 @@ def train_command(args) -> int:
     )  # fmt: skip
     dataset = _resolve.dataset(options)
     _resolve.make_dir(out)
+    if args.overwrite and not args.resume and (out / "checkpoints").exists():
+        import shutil
+
+        shutil.rmtree(out / "checkpoints")  # the replaced run's, or --resume would find them
     summary, _ = train_one(
         method, options, dataset, out, target=target, progress=not args.no_progress,
         spectrum=args.spectrum, checkpoint_every=checkpoint_every, resume=args.resume,

@@ -109,8 +109,8 @@ class MetricsWriter(Callback):
     Non-finite numbers become ``null`` (JSON has no NaN), with the names of those
     fields in ``"non_finite"``. Each line goes to the file in one ``write`` and is
     flushed at once, so a crash leaves whole lines. When `fit` resumes from step s,
-    the lines after step s (written by the run that was interrupted) are dropped
-    first, so the file holds each step exactly once.
+    the file is written anew from the checkpoint's history (steps 1 to s), so it holds
+    each step exactly once, as a run never stopped would have written it.
 
     Args:
       path: the ``.jsonl`` file (created, or continued when resuming).
@@ -124,18 +124,9 @@ class MetricsWriter(Callback):
         self._file = None
 
     def on_start(self, start: FitStart) -> None:
-        kept = []
-        if start.resumed_step and self.path.exists():
-            for line in self.path.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:  # a line cut by a crash
-                    break
-                if row.get("step", math.inf) > start.resumed_step:
-                    break
-                kept.append(line)
+        records = start.history.steps if start.resumed_step else []
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.write_text("".join(to_json_line({**self.extra, **r}) + "\n" for r in records))
         os.replace(tmp, self.path)
         self._file = open(self.path, "a", buffering=1)  # noqa: SIM115 (closed in on_end)
 

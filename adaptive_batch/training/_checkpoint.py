@@ -82,7 +82,11 @@ class Checkpoints:
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, enable_async_checkpointing=True, create=True
+                max_to_keep=keep,
+                enable_async_checkpointing=True,
+                create=True,
+                # A save killed half-way leaves a temporary directory: removed on open.
+                cleanup_tmp_directories=True,
             ),
         )
 
@@ -129,9 +133,16 @@ class Checkpoints:
                 "optimizer, or start a new run in another directory."
             )
         abstract = [_abstract(x) for x in leaves]
-        restored = self._manager.restore(
-            step, args=args.Composite(state=args.StandardRestore(abstract))
-        )["state"]
+        try:
+            restored = self._manager.restore(
+                step, args=args.Composite(state=args.StandardRestore(abstract))
+            )["state"]
+        except ValueError as error:  # Orbax: shapes that do not match the checkpoint's
+            raise ValueError(
+                f"the arrays of the checkpoint in {self.directory} do not fit this model and "
+                f"optimizer ({str(error).splitlines()[0][:200]}); resume with the same model "
+                "and optimizer, or start a new run in another directory."
+            ) from None
         for i, (old, new) in enumerate(zip(abstract, restored, strict=True)):
             if old.shape != new.shape:
                 raise ValueError(

@@ -107,7 +107,8 @@ def fit(
       checkpoint_dir: save checkpoints here (Orbax), every ``checkpoint_every`` steps
         and after the last step; each holds the carry (parameters and the whole
         optimizer state), the controller's and loader's positions, the counters and
-        the history. ``keep_checkpoints``: how many of the newest to keep.
+        the history. ``keep_checkpoints``: how many of the newest to keep (None: all).
+        A directory that holds checkpoints already is refused unless ``resume``.
       resume: continue from the newest checkpoint in ``checkpoint_dir`` (a new run if
         there is none): the same steps follow as in a run that was never stopped.
       max_nonfinite_steps: stop with `NonFiniteError` after this many non-finite
@@ -115,8 +116,8 @@ def fit(
         names the step and its examples.
       compile_ahead: compile the step for the next bucket on a background thread
         while training in the current one (``jit(...).lower(...).compile()``).
-      log_every: read the metrics to the host (one transfer) and pass the records to
-        the callbacks every this many steps.
+      log_every: pass the records to the callbacks every this many steps (each step's
+        metrics come to the host one step behind, as one vector, either way).
       progress: show a tqdm progress bar (`ProgressBar`) with the batch size and loss.
 
     Ctrl-C (SIGINT) and SIGTERM (a scheduler's preemption), when `fit` runs in the
@@ -156,8 +157,14 @@ def fit(
         raise ValueError(
             "checkpoint_every needs checkpoint_dir=: the directory to save checkpoints in."
         )
+    if not isinstance(resume, bool):
+        raise TypeError(f"resume must be True or False, got {resume!r}.")
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs checkpoint_dir=: the directory of the checkpoints.")
+    if eval_every is not None and eval_fn is None:
+        raise ValueError("eval_every needs eval_fn=: the function that evaluates the state.")
+    if isinstance(callbacks, Callback) or not isinstance(callbacks, Sequence):
+        raise TypeError(f"callbacks must be a list of Callback objects, got {callbacks!r}.")
 
     own_loader = not isinstance(data, Loader)
     if own_loader:
@@ -193,12 +200,20 @@ def fit(
     if loader.sharding is not None:
         carry = replicate_uncommitted(carry, loader.sharding)
     resumed_step = 0
+    if checkpoints is not None and not resume and checkpoints.latest_step() is not None:
+        checkpoints.close()
+        raise ValueError(
+            f"checkpoint_dir {checkpoints.directory} holds checkpoints of another run (up to "
+            f"step {checkpoints.latest_step()}); pass resume=True to continue it, or another "
+            "(or an emptied) directory for a new run."
+        )
     if resume and checkpoints.latest_step() is not None:
         carry, meta = checkpoints.restore(carry)
         controller.load_state_dict(meta["controller"])
         loader.load_state_dict(meta["loader"])
         counters = LoopCounters(**meta["counters"])
         history = History(steps=meta["history"]["steps"], evals=meta["history"]["evals"])
+        _drop_unscheduled_eval(history, schedule if eval_fn is not None else None)
         resumed_step = counters.steps
 
     requested = counters.examples
@@ -340,8 +355,8 @@ def fit(
                     if checkpoint:
                         save()
                     paused += time.perf_counter() - pause
-            if interrupt.is_set():
-                stopped = interrupt.stopped
+            if interrupt.is_set() and counters.steps < max_steps and requested < max_examples:
+                stopped = interrupt.stopped  # (a signal during the last step: the budget)
         jax.block_until_ready(carry)
     except _Stop as stop:
         stopped = "nonfinite"
@@ -374,8 +389,31 @@ class _Stop(Exception):
         self.step = step
 
 
+def _drop_unscheduled_eval(history: History, schedule: EvalSchedule | None) -> None:
+    """Forget the evaluation a stop added after the checkpoint's step (Ctrl-C, or the end
+    of a shorter budget) when the schedule had none there: the resumed run then holds
+    the evaluations of a run never stopped."""
+    steps = history.steps
+    if not steps or not history.evals or history.evals[-1]["step"] != steps[-1]["step"]:
+        return
+    before = steps[-2]["examples"] if len(steps) > 1 else 0
+    last = steps[-1]
+    if schedule is not None and schedule.due(last["step"], before, last["examples"]):
+        return
+    evaluation = history.evals.pop()
+    for key in evaluation:
+        if key not in ("step", "examples", "wall_time"):
+            last.pop(key, None)
+
+
 def _evaluate(eval_fn, state, record: dict, history: History) -> None:
-    results = {k: _scalar(v) for k, v in dict(eval_fn(state)).items()}
+    returned = eval_fn(state)
+    if not isinstance(returned, Mapping):
+        raise TypeError(
+            f"eval_fn must return a dict of named results, e.g. {{'accuracy': 0.93}}, got "
+            f"{type(returned).__name__}."
+        )
+    results = {k: _scalar(v) for k, v in returned.items()}
     record.update(results)
     history.evals.append(
         {"step": record["step"], "examples": record["examples"],
@@ -455,6 +493,5 @@ def _check_arguments(step, controller, steps, epochs, examples, compile_ahead, l
         raise ValueError(f"epochs={epochs!r} must be a positive number of epochs (or None).")
     if not isinstance(compile_ahead, bool):
         raise TypeError(f"compile_ahead must be True or False, got {compile_ahead!r}.")
-    if log_every is None:
-        raise ValueError("log_every=None: pass a positive number of steps.")
-    _positive_or_none("log_every", log_every)
+    if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
+        raise ValueError(f"log_every={log_every!r} must be a positive int.")

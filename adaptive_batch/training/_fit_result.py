@@ -47,8 +47,8 @@ class NonFiniteError(FloatingPointError):
 
     Attributes:
       result: the `FitResult` at the stop (with a skipping step, the state of the
-        last finite step; the last checkpoint, if any, is from before the run of
-        non-finite steps).
+        last finite step, which checkpoints written during the run of non-finite
+        steps hold too; without skipping, none is written during that run).
     """
 
     def __init__(self, message: str, result: FitResult):

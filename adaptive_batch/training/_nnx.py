@@ -60,13 +60,15 @@ class NnxTrainStep(TrainStep):
             optimizer.tx, params, optimizer.opt_state, data, mask, num_microbatches, loss_fn
         )
         previous_opt_state = nnx.as_pure(optimizer.opt_state)
+        # Arrays, not Variables: the update below writes into the Variables.
+        previous_params = nnx.as_pure(params)
         if isinstance(optimizer.tx, optax.GradientTransformationExtraArgs):
             optimizer.update(model, stats.mean_grad, grad_stats=stats)
         else:  # a plain Optax transform takes no extra arguments
             optimizer.update(model, stats.mean_grad)
         # optimizer.update applies the updates in place; their norm is the step taken.
         new_params = nnx.as_pure(nnx.state(model, optimizer.wrt))
-        updates = jax.tree.map(jnp.subtract, new_params, nnx.as_pure(params))
+        updates = jax.tree.map(jnp.subtract, new_params, previous_params)
         metrics = step_metrics(
             stats, nnx.as_pure(optimizer.opt_state), previous_opt_state=previous_opt_state,
             updates=updates, params=new_params, skip_nonfinite=self.skip_nonfinite,
