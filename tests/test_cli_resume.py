@@ -80,16 +80,23 @@ def test_train_killed_three_times_resumes_to_the_same_run(reference, tmp_path):
     assert strict(out / "summary.json")["resumed_step"] > 0
 
 
-def test_ctrl_c_stops_writes_everything_and_resumes(reference, tmp_path):
-    out = tmp_path / "run"
+def signal_after(out, rows, sig):
+    """Start the command, send ``sig`` once its metrics file has ``rows`` rows; return
+    (exit code, stderr)."""
     process = subprocess.Popen(command(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
-    while count_rows(out / "metrics.jsonl") < 60:
+    while count_rows(out / "metrics.jsonl") < rows:
         assert process.poll() is None and time.monotonic() < deadline
         time.sleep(0.005)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(sig)
     _, err = process.communicate(timeout=120)
-    assert process.returncode == 130, err.decode()[-2000:]
+    return process.returncode, err
+
+
+def test_ctrl_c_stops_writes_everything_and_resumes(reference, tmp_path):
+    out = tmp_path / "run"
+    code, err = signal_after(out, 60, signal.SIGINT)
+    assert code == 130, err.decode()[-2000:]
     assert b"Segmentation fault" not in err and b"Traceback" not in err
     summary = strict(out / "summary.json")
     assert summary["interrupted"] is True and not summary["diverged"]
@@ -108,14 +115,8 @@ def test_sigterm_stops_like_ctrl_c_with_exit_143(tmp_path):
     """A scheduler's preemption: SIGTERM ends the run after the step with a checkpoint
     and the summary (``"stopped": "terminated"``), exit 128 + 15."""
     out = tmp_path / "run"
-    process = subprocess.Popen(command(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while count_rows(out / "metrics.jsonl") < 30:
-        assert process.poll() is None and time.monotonic() < deadline
-        time.sleep(0.005)
-    process.send_signal(signal.SIGTERM)
-    _, err = process.communicate(timeout=120)
-    assert process.returncode == 143, err.decode()[-2000:]
+    code, err = signal_after(out, 30, signal.SIGTERM)
+    assert code == 143, err.decode()[-2000:]
     summary = strict(out / "summary.json")
     assert summary["stopped"] == "terminated" and summary["interrupted"] is True
     assert summary["steps"] == len(read_rows(out / "metrics.jsonl")) == final_params(out)[0]
