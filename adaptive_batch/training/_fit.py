@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -157,6 +158,8 @@ def fit(
         raise ValueError(
             "checkpoint_every needs checkpoint_dir=: the directory to save checkpoints in."
         )
+    if checkpoint_dir is not None and os.path.isfile(checkpoint_dir):
+        raise ValueError(f"checkpoint_dir={str(checkpoint_dir)!r} is a file; pass a directory path.")
     if not isinstance(resume, bool):
         raise TypeError(f"resume must be True or False, got {resume!r}.")
     if resume and checkpoint_dir is None:
