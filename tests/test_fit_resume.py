@@ -144,7 +144,7 @@ def test_fit_arguments_get_one_line_errors(tmp_path):
         ({"callbacks": ab.training.ProgressBar()}, TypeError, "callbacks must be a list"),
         ({"eval_fn": lambda s: 0.5}, TypeError, "eval_fn must return a dict"),
         ({"log_every": 0}, ValueError, "log_every=0 must be a positive int"),
-        ({"checkpoint_dir": __file__}, ValueError, "is a file; pass a directory path"),
+        ({"checkpoint_dir": __file__}, ValueError, "is a file; pass a directory"),
     ]
     for kwargs, error, message in cases:
         with pytest.raises(error, match=message):

@@ -159,7 +159,7 @@ def fit(
             "checkpoint_every needs checkpoint_dir=: the directory to save checkpoints in."
         )
     if checkpoint_dir is not None and os.path.isfile(checkpoint_dir):
-        raise ValueError(f"checkpoint_dir={str(checkpoint_dir)!r} is a file; pass a directory path.")
+        raise ValueError(f"checkpoint_dir={str(checkpoint_dir)!r} is a file; pass a directory.")
     if not isinstance(resume, bool):
         raise TypeError(f"resume must be True or False, got {resume!r}.")
     if resume and checkpoint_dir is None:
