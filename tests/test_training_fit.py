@@ -121,6 +121,46 @@ def test_compile_ahead_adds_no_compiles_and_precompiles_the_next_bucket():
     assert not late
 
 
+def schedule_rule(sizes) -> optax.GradientTransformationExtraArgs:
+    """A stand-in rule that asks for ``sizes[k]`` after its k-th step (then the last)."""
+    table = jnp.asarray(sizes, jnp.int32)
+
+    def init_fn(params):
+        del params
+        return GrowState(table[0]), jnp.zeros((), jnp.int32)
+
+    def update_fn(updates, state, params=None, *, grad_stats=None, **extra):
+        del params, grad_stats, extra
+        k = jnp.minimum(state[1] + 1, len(sizes) - 1)
+        return updates, (GrowState(table[k]), state[1] + 1)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def test_compile_ahead_compiles_each_bucket_once_as_the_batch_grows_and_shrinks():
+    # Up through the buckets 16..128, down to 16 and up again: a controller that may
+    # shrink compiles the bucket below ahead too, and never one a step compiled itself.
+    sizes = [16] * 3 + [30] * 3 + [60] * 3 + [120] * 3 + [16] * 3 + [100] * 3
+    tx = optax.chain(schedule_rule(sizes), optax.sgd(1e-3))
+    step = ab.make_train_step(loss_fn, tx)
+    controller = ab.BatchSizeController(16, 128, buckets="pow2", monotone=False)
+    w = jnp.zeros(FEATURES)
+    with CompileEvents() as events:
+        result = ab.fit(
+            step, (w, tx.init(w)), make_source(3000), controller, steps=len(sizes),
+            compile_ahead=True, progress=False,
+        )  # fmt: skip
+    padded = [r["padded_size"] for r in result.history.steps]
+    assert padded == [16] * 3 + [32] * 3 + [64] * 3 + [128] * 3 + [16] * 3 + [128] * 3
+    assert events.count(step.name) == 4  # 16, 32, 64, 128: once each
+    first_use = {}
+    for record in result.history.steps:
+        first_use.setdefault(record["padded_size"], record["compiles"])
+    # 32 and 64 were started after step 1, 128 when 32 came into use: each was compiled
+    # (counted) by the time the step that first needed it ran.
+    assert first_use[32] >= 2 and first_use[64] >= 3 and first_use[128] == 4
+
+
 def test_aot_compile_is_reused_by_the_step():
     tx = optax.sgd(0.1)
     step = ab.make_train_step(loss_fn, tx)

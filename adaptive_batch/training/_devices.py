@@ -1,12 +1,10 @@
 """Where `fit`'s arrays live: the loader's prefetch default, the replicated state, and
-compiling the next bucket's step ahead of time."""
+compiling the step for the next buckets ahead of time."""
 
 from __future__ import annotations
 
 import jax
 import numpy as np
-
-from adaptive_batch.control import BatchPlan
 
 
 def default_prefetch(sharding) -> int:
@@ -36,22 +34,31 @@ def replicate_uncommitted(tree, sharding):
     return jax.tree.map(place, tree)
 
 
-def compile_next_bucket(step, controller, carry, batch, plan: BatchPlan) -> None:
-    """Start compiling the step for the bucket above ``plan``'s (if any) in the background."""
+def compile_buckets_ahead(step, controller, carry, batch, count: int = 2) -> None:
+    """Start compiling the step for the ``count`` buckets above ``batch``'s on the
+    background thread (nearest first), and for a controller that may shrink the batch
+    (``monotone=False``) the one below.
+
+    Two, not one: a bucket's compile (about a second on a CPU) can take longer than
+    training in the bucket below it, so the next-but-one starts while the next is used.
+    """
     buckets = controller.buckets
     if buckets is None:
         return
-    larger = [b for b in buckets if b > plan.padded_size]
-    if not larger:
-        return
-    target = controller.plan_for(min(larger[0], controller.max_batch_size))
-    rows = target.padded_size
+    current = batch.plan.padded_size
+    sizes = [b for b in buckets if b > current][:count]
+    if not controller.monotone:
+        sizes += [b for b in buckets if b < current][-1:]
+    for size in sizes:
+        target = controller.plan_for(
+            min(max(size, controller.min_batch_size), controller.max_batch_size)
+        )
 
-    def like(x):
-        shape = (rows, *tuple(np.shape(x))[1:])
-        committed = isinstance(x, jax.Array) and x.committed
-        sharding = x.sharding if committed else None
-        return jax.ShapeDtypeStruct(shape, x.dtype, sharding=sharding)
+        def like(x, rows=target.padded_size):
+            shape = (rows, *tuple(np.shape(x))[1:])
+            committed = isinstance(x, jax.Array) and x.committed
+            sharding = x.sharding if committed else None
+            return jax.ShapeDtypeStruct(shape, x.dtype, sharding=sharding)
 
-    data, mask = jax.tree.map(like, (batch.data, batch.mask))
-    step.compile_ahead(carry, data, mask, target.num_microbatches)
+        data, mask = jax.tree.map(like, (batch.data, batch.mask))
+        step.compile_ahead(carry, data, mask, target.num_microbatches)

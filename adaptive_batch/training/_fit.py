@@ -31,7 +31,7 @@ from adaptive_batch.data import Loader
 from adaptive_batch.training._callbacks import Callback, FitStart, ProgressBar
 from adaptive_batch.training._checkpoint import Checkpoints
 from adaptive_batch.training._devices import (
-    compile_next_bucket,
+    compile_buckets_ahead,
     default_prefetch,
     replicate_uncommitted,
 )
@@ -115,8 +115,12 @@ def fit(
       max_nonfinite_steps: stop with `NonFiniteError` after this many non-finite
         steps in a row (None: never). The first one gives a ``RuntimeWarning`` that
         names the step and its examples.
-      compile_ahead: compile the step for the next bucket on a background thread
-        while training in the current one (``jit(...).lower(...).compile()``).
+      compile_ahead: compile the step for the next two buckets above the current one
+        (and, for a controller with ``monotone=False``, the one below) on a background
+        thread while training in the current one (``jit(...).lower(...).compile()``); a
+        step that needs a bucket still compiling waits for it. It pays where a bucket
+        lasts longer than its compile; on a small CPU the background compile takes a
+        core from the steps. A bucket a rule jumps to beyond those compiles when used.
       log_every: pass the records to the callbacks every this many steps (each step's
         metrics come to the host one step behind, as one vector, either way).
       progress: show a tqdm progress bar (`ProgressBar`) with the batch size and loss.
@@ -228,6 +232,7 @@ def fit(
     stopped = "budget"
     stop_steps: list[int] = []  # the step at which max_nonfinite_steps was reached
     bounds_warned = False
+    compiled_ahead_for = None  # the bucket whose next buckets compile_ahead started
 
     def request(plan: BatchPlan) -> None:
         nonlocal requested
@@ -305,6 +310,11 @@ def fit(
                 carry, metrics, summary = step.run_with_summary(
                     carry, batch.data, batch.mask, plan.num_microbatches
                 )
+                if compile_ahead and plan.padded_size != compiled_ahead_for:
+                    # After the step is dispatched (and its own bucket compiled): two
+                    # compiles at once on a small CPU slow the first step down.
+                    compile_buckets_ahead(step, controller, carry, batch)
+                    compiled_ahead_for = plan.padded_size
                 counters.steps += 1
                 before, counters.examples = counters.examples, counters.examples + batch.batch_size
                 # Reads step (steps - lag)'s suggestion, the one value the next plan needs.
@@ -317,8 +327,6 @@ def fit(
                 )
                 if not final:
                     request(next_plan)
-                if compile_ahead:
-                    compile_next_bucket(step, controller, carry, batch, next_plan)
                 counters.wall_time = base_wall + time.perf_counter() - start - paused
                 record = {
                     "step": counters.steps,
