@@ -286,3 +286,39 @@ def test_a_mask_between_0_and_1_is_refused():
     with pytest.raises(ValueError, match=r"mask holds \[0.5\]: a mask marks each row"):
         step(w, tx.init(w), data, np.array([1.0, 0.5, 1.0, 0.0], np.float32))
     step(w, tx.init(w), data, np.array([1.0, 1.0, 0.0, 0.0], np.float32))  # 0 and 1: fine
+
+
+@pytest.mark.parametrize("tx_name", ["norm_test+adam", "adam"])
+def test_bfloat16_parameters_keep_their_dtype_and_compile_once(tx_name):
+    # The statistics sum bfloat16 gradients in float32; the optimizer gets the mean
+    # gradient back in bfloat16, so Adam's moments stay bfloat16 and the step's input
+    # types never change.
+    tx = {
+        "norm_test+adam": optax.chain(ab.norm_test(0.5, min_batch_size=8), optax.adam(1e-2)),
+        "adam": optax.adam(1e-2),
+    }[tx_name]
+    params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), init_params())
+    opt_state = tx.init(params)
+    step = ab.make_train_step(loss_fn, tx)
+    data = make_data(32)
+    with ab.training.CompileCounter() as compiles:
+        for _ in range(3):
+            params, opt_state, _ = step(params, opt_state, data)
+    assert compiles.count(step.name) == 1
+    assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
+    moments = [leaf for leaf in jax.tree.leaves(opt_state) if jnp.shape(leaf) == (FEATURES,)]
+    assert len(moments) == 2 and all(m.dtype == jnp.bfloat16 for m in moments)
+
+
+def test_multisteps_around_a_rule_is_refused_with_the_exact_alternative():
+    rule = optax.chain(ab.norm_test(0.5, min_batch_size=8), optax.sgd(0.1))
+    params = init_params()
+    for tx in (optax.MultiSteps(rule, 4), optax.MultiSteps(rule, 4).gradient_transformation()):
+        step = ab.make_train_step(loss_fn, tx)
+        with pytest.raises(TypeError, match=r"last micro-step only.*num_microbatches=k"):
+            step(params, tx.init(params), make_data(16))
+    # A plain optimizer reads no statistics: MultiSteps is fine around it.
+    tx = optax.MultiSteps(optax.sgd(0.1), 2)
+    step = ab.make_train_step(loss_fn, tx)
+    params, state, _ = step(params, tx.init(params), make_data(16))
+    assert int(state.mini_step) == 1

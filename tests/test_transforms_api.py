@@ -250,3 +250,56 @@ def test_rules_run_inside_multisteps():
         w = optax.apply_updates(w, updates)
     assert int(state.gradient_step) == 2
     assert int(ab.suggested_batch_size(state)) > 4  # the test ran on the emitted steps
+
+
+# --------------------------------------------------------------------- extra arguments
+
+#: Each exported transform, built with its required arguments only.
+EXPORTED = {
+    "adadagrad": lambda: ab.adadagrad(0.1),
+    "adadagrad_norm": lambda: ab.adadagrad_norm(0.1),
+    "augmented_inner_product_test": ab.augmented_inner_product_test,
+    "cabs": lambda: ab.cabs(0.1),
+    "cabs_rule": lambda: ab.cabs_rule(0.1),
+    "coordinate_norm_test": ab.coordinate_norm_test,
+    "gradient_noise_scale": ab.gradient_noise_scale,
+    "inner_product_test": ab.inner_product_test,
+    "norm_test": ab.norm_test,
+    "scale_by_adagrad_norm": ab.scale_by_adagrad_norm,
+    "scale_by_adagrad_torch": ab.transforms.scale_by_adagrad_torch,
+    "scale_by_batch_size": lambda: ab.scale_by_batch_size(16),
+}
+
+
+def test_every_exported_transform_is_listed_here():
+    exported = ab.transforms.__all__
+    factories = {n for n in exported if n[0].islower() and n != "suggested_batch_size"}
+    assert factories == set(EXPORTED)
+
+
+@pytest.mark.parametrize("name", EXPORTED)
+def test_every_exported_transform_takes_grad_stats_and_unknown_keywords(name):
+    tx = EXPORTED[name]()
+    assert isinstance(tx, optax.GradientTransformationExtraArgs)
+    w = jnp.array([0.5, -1.0, 2.0])
+    stats = ab.per_example_stats(loss_fn, coordinates=True, inner=True)(
+        w, {"x": jnp.asarray(np.eye(3)[[0, 1, 2, 0]] + 0.1), "y": jnp.arange(4.0)}
+    )
+    state = tx.init(w)
+    plain = tx.update(stats.mean_grad, state, w, grad_stats=stats)
+    extra = tx.update(stats.mean_grad, state, w, grad_stats=stats, rng="unused", loss=1.0)
+    chex_equal = jax.tree.map(lambda a, b: bool(jnp.all(a == b)), plain, extra)
+    assert all(jax.tree.leaves(chex_equal))
+
+
+# --------------------------------------------------------------------- sharded states
+
+
+def test_adagrad_state_keeps_the_sharding_of_its_parameters():
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("model",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("model"))
+    w = jax.device_put(jnp.arange(8.0), sharding)
+    for tx in (ab.transforms.scale_by_adagrad_torch(), ab.adadagrad(0.1)):
+        state = tx.init(w)
+        sums = [leaf for leaf in jax.tree.leaves(state) if jnp.shape(leaf) == (8,)]
+        assert sums and all(leaf.sharding == sharding for leaf in sums)

@@ -101,6 +101,16 @@ class GradStats(NamedTuple):
         """ḡ = (1/b) Σ gᵢ, a pytree like the params (zeros for an empty batch)."""
         return jax.tree.map(lambda s: _safe_divide(s, self.count).astype(s.dtype), self.grad_sum)
 
+    def mean_grad_like(self, params: PyTree) -> PyTree:
+        """ḡ in the dtypes of ``params``: what to hand an optimizer.
+
+        The sums of bfloat16 parameters are kept in float32; an optimizer whose state
+        follows the parameters' dtype (``optax.adam``'s moments) would move its state to
+        float32 on the first update given float32 gradients, and a jitted step would
+        compile again on its second call.
+        """
+        return jax.tree.map(lambda g, p: g.astype(jnp.result_type(p)), self.mean_grad, params)
+
     @property
     def mean_grad_sq_norm(self) -> jax.Array:
         """‖ḡ‖²."""

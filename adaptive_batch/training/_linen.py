@@ -23,7 +23,7 @@ class LinenTrainStep(TrainStep):
         tx = optax.with_extra_args_support(state.tx)
         stats = self.stats(tx, state.params, state.opt_state, data, mask, num_microbatches)
         updates, opt_state = tx.update(
-            stats.mean_grad, state.opt_state, state.params, grad_stats=stats
+            stats.mean_grad_like(state.params), state.opt_state, state.params, grad_stats=stats
         )
         params = optax.apply_updates(state.params, updates)
         metrics = step_metrics(

@@ -62,10 +62,11 @@ class NnxTrainStep(TrainStep):
         previous_opt_state = nnx.as_pure(optimizer.opt_state)
         # Arrays, not Variables: the update below writes into the Variables.
         previous_params = nnx.as_pure(params)
+        grads = stats.mean_grad_like(previous_params)
         if isinstance(optimizer.tx, optax.GradientTransformationExtraArgs):
-            optimizer.update(model, stats.mean_grad, grad_stats=stats)
+            optimizer.update(model, grads, grad_stats=stats)
         else:  # a plain Optax transform takes no extra arguments
-            optimizer.update(model, stats.mean_grad)
+            optimizer.update(model, grads)
         # optimizer.update applies the updates in place; their norm is the step taken.
         new_params = nnx.as_pure(nnx.state(model, optimizer.wrt))
         updates = jax.tree.map(jnp.subtract, new_params, previous_params)

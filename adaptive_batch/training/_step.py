@@ -164,6 +164,8 @@ class TrainStep:
             # Plain arrays, as tx.update sees them (Flax NNX wraps them in Variables).
             pure = nnx.as_pure((params, opt_state))
             extra_args_tx = optax.with_extra_args_support(tx)
+            if _inside_multisteps(opt_state):
+                _refuse_rules_inside_multisteps(extra_args_tx, *pure)
             self._options[tx] = needed_stats(extra_args_tx, *pure, self._coordinates, self._inner)
         if self._options[tx] is None:  # a plain transform: the mean gradient is enough
             stats_fn = plain_stats_fn(self.loss_fn if loss_fn is None else loss_fn)
@@ -209,7 +211,9 @@ class TrainStep:
         check_mask_values(mask)
         key = (_rows(data), num_microbatches)
         future = self._ahead.get(key)
-        if future is not None:
+        if future is None:  # compiled by this call: nothing to compile ahead for it
+            self._ahead[key] = _DONE
+        else:
             future.result()
         return self._jitted(carry, data, mask, num_microbatches=num_microbatches)
 
@@ -240,6 +244,33 @@ class TrainStep:
             self._executor = None
 
 
+_DONE: concurrent.futures.Future = concurrent.futures.Future()
+_DONE.set_result(None)
+
+
+def _refuse_rules_inside_multisteps(tx, params, opt_state) -> None:
+    """A TypeError if ``tx``, an ``optax.MultiSteps``, wraps a transform that reads
+    ``grad_stats`` (a plain optimizer inside it is fine)."""
+    try:
+        jax.eval_shape(lambda p, s: tx.update(p, s, p), _abstract(params), _abstract(opt_state))
+    except Exception:  # it reads statistics
+        raise TypeError(
+            "optax.MultiSteps hands the batch-size rules the statistics of its last "
+            "micro-step only, not of the k it accumulates, so they would decide from 1/k "
+            "of the batch. Use the train step's exact micro-batching instead: "
+            "step(..., num_microbatches=k), or fit with "
+            "BatchSizeController(max_microbatch_size=...)."
+        ) from None
+
+
+def _inside_multisteps(opt_state) -> bool:
+    def is_multisteps(x):
+        return isinstance(x, optax.MultiStepsState)
+
+    leaves = jax.tree.leaves(nnx.as_pure(opt_state), is_leaf=is_multisteps)
+    return any(is_multisteps(leaf) for leaf in leaves)
+
+
 def _rows(data) -> int:
     leaves = jax.tree.leaves(data)
     return int(np.shape(leaves[0])[0]) if leaves else 0
@@ -265,7 +296,7 @@ class PlainTrainStep(TrainStep):
         params, opt_state = carry
         stats = self.stats(self.tx, params, opt_state, data, mask, num_microbatches)
         updates, new_opt_state = self.tx.update(
-            stats.mean_grad, opt_state, params, grad_stats=stats
+            stats.mean_grad_like(params), opt_state, params, grad_stats=stats
         )
         params = optax.apply_updates(params, updates)
         metrics = step_metrics(

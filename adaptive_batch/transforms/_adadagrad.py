@@ -44,11 +44,11 @@ def scale_by_adagrad_torch(eps=1e-10) -> optax.GradientTransformation:
     def init_fn(params):
         dtype = _common.state_dtype(params)
         return ScaleByAdagradTorchState(
-            sum_sq=jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), dtype), params)
+            sum_sq=jax.tree.map(lambda p: jnp.zeros_like(p, dtype=dtype), params)
         )
 
-    def update_fn(updates, state, params=None):
-        del params
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args  # grad_stats= and other extra arguments are not needed
         sum_sq = jax.tree.map(lambda s, g: s + jnp.square(g.astype(s.dtype)), state.sum_sq, updates)
         updates = jax.tree.map(
             lambda g, s: (g.astype(s.dtype) / (jnp.sqrt(s) + eps)).astype(g.dtype),
@@ -57,7 +57,7 @@ def scale_by_adagrad_torch(eps=1e-10) -> optax.GradientTransformation:
         )
         return updates, ScaleByAdagradTorchState(sum_sq=sum_sq)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def adadagrad(

@@ -55,8 +55,8 @@ def scale_by_adagrad_norm(b0=0.01) -> optax.GradientTransformation:
         dtype = _common.state_dtype(params)
         return ScaleByAdaGradNormState(sum_sq_norm=jnp.square(jnp.asarray(b0, dtype)))
 
-    def update_fn(updates, state, params=None):
-        del params
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args  # grad_stats= and other extra arguments are not needed
         dtype = state.sum_sq_norm.dtype
         sq_norm = sum(jnp.sum(jnp.square(leaf.astype(dtype))) for leaf in jax.tree.leaves(updates))
         sum_sq_norm = state.sum_sq_norm + sq_norm
@@ -64,7 +64,7 @@ def scale_by_adagrad_norm(b0=0.01) -> optax.GradientTransformation:
         updates = jax.tree.map(lambda g: (g.astype(dtype) * step).astype(g.dtype), updates)
         return updates, ScaleByAdaGradNormState(sum_sq_norm=sum_sq_norm)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def adadagrad_norm(

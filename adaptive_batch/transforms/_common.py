@@ -154,8 +154,9 @@ def require_grad_stats(
     if grad_stats is None:
         raise TypeError(
             f"{owner} reads the batch's gradient statistics and needs them as the keyword "
-            f"argument grad_stats=. Build {build} once, then call\n{call}\n(optax.chain, "
-            "optax.inject_hyperparams and optax.MultiSteps pass the keyword through)."
+            f"argument grad_stats=. Build {build} once, then call\n{call}\n(optax.chain and "
+            "optax.inject_hyperparams pass the keyword through; optax.MultiSteps passes "
+            "only its last micro-step's, so use the train step's num_microbatches instead)."
         )
     if not isinstance(grad_stats, GradStats):
         raise TypeError(
