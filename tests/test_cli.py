@@ -11,8 +11,8 @@ import sys
 import chex
 import numpy as np
 import pytest
+from _cli import main_in_process
 
-from adaptive_batch.cli import main
 from adaptive_batch.cli._methods import METHODS
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -25,7 +25,7 @@ TINY = ["--dataset", "synthetic", "--model", "logreg", "--examples", "640", "--e
 
 def _run(argv, capsys):
     try:
-        code = main(argv)
+        code = main_in_process(argv)
     except SystemExit as exit_:  # argparse exits for --help and parse errors
         code = exit_.code
     out, err = capsys.readouterr()

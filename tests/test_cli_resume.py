@@ -13,9 +13,8 @@ import time
 import jax
 import numpy as np
 import pytest
+from _cli import main_in_process
 from _kill import count_rows, read_rows, run_with_kills, without
-
-from adaptive_batch.cli import main
 
 ARGS = ["--dataset", "synthetic", "--model", "mlp", "--examples", "12000", "--evals", "5",
         "--min-batch-size", "8", "--max-batch-size", "128", "--no-progress",
@@ -123,7 +122,7 @@ def test_sigterm_stops_like_ctrl_c_with_exit_143(tmp_path):
 
 
 def _run(argv, capsys):
-    code = main(argv)
+    code = main_in_process(argv)
     out, err = capsys.readouterr()
     return code, out, err
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from adaptive_batch.cli._errors import UsageError
 from adaptive_batch.cli._methods import METHODS
@@ -102,6 +103,22 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         help="reuse an --out directory that holds an earlier run (its files are replaced)",
     )  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar (it goes to stderr)")
+    compiling = p.add_argument_group("compiling (each batch-size bucket has its own compiled step)")
+    compiling.add_argument(
+        "--compile-cache", default=None, metavar="DIR",
+        help="keep compiled steps in DIR and reuse them in later runs (JAX's persistent "
+        "compilation cache). Default: $JAX_COMPILATION_CACHE_DIR if set, else "
+        "~/.cache/adaptive_batch/xla ($ADAPTIVE_BATCH_CACHE/xla)",
+    )  # fmt: skip
+    compiling.add_argument(
+        "--no-compile-cache", action="store_true",
+        help="compile every step anew; read and write no compilation cache",
+    )  # fmt: skip
+    compiling.add_argument(
+        "--no-compile-ahead", action="store_true",
+        help="compile a bucket's step when the run first needs it (default: the next two "
+        "buckets compile on a background thread while the run trains in the current one)",
+    )  # fmt: skip
     hosts = p.add_argument_group(
         "several processes (jax.distributed: one process per host; process 0 writes the files)"
     )
@@ -213,6 +230,21 @@ def _initialize_processes(args) -> None:
         ) from None
 
 
+def _compile_cache(args) -> None:
+    if args.no_compile_cache:
+        if args.compile_cache is not None:
+            raise UsageError("--compile-cache and --no-compile-cache contradict; pass one.")
+        return
+    from adaptive_batch.cli._compile_cache import default_directory, use_compile_cache
+
+    directory = default_directory() if args.compile_cache is None else Path(args.compile_cache)
+    if directory.exists() and not directory.is_dir():
+        raise UsageError(
+            f"--compile-cache {directory} is a file; pass a directory, or --no-compile-cache."
+        )
+    use_compile_cache(directory)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``adaptive-batch`` console script."""
     parser = build_parser()
@@ -220,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     prog = f"{parser.prog} {args.command}"
     try:
         _initialize_processes(args)
+        _compile_cache(args)
         if args.command == "train":
             from adaptive_batch.cli._train import train_command
 

@@ -40,6 +40,7 @@ class Options:
     stats_backend: str
     eta: float | None = None
     fill_buckets: bool = False
+    compile_ahead: bool = True
 
     def budget(self, dataset: Dataset) -> int:
         """The examples budget: ``--examples``, or ``--epochs`` × training-set size."""
@@ -124,7 +125,7 @@ def common(args) -> Options:
         min_batch_size=args.min_batch_size, max_batch_size=args.max_batch_size,
         batch_size=batch_size, lr=args.lr, seed=args.seed, devices=args.devices,
         num_samples=args.num_samples, evals=args.evals, stats_backend=args.stats_backend,
-        eta=args.eta, fill_buckets=args.fill_buckets,
+        eta=args.eta, fill_buckets=args.fill_buckets, compile_ahead=not args.no_compile_ahead,
     )  # fmt: skip
 
 

@@ -45,6 +45,7 @@ class RunConfig:
     fill_buckets: bool = False
     checkpoint_every: int | None = None  # steps; None: no checkpoints
     resume: bool = False
+    compile_ahead: bool = True  # the next buckets' steps compile on a background thread
 
 
 def make_evaluate(fns: ModelFns):
@@ -129,6 +130,7 @@ def run(
             eval_fn=eval_fn, eval_every=schedule, callbacks=callbacks,
             checkpoint_dir=out / "checkpoints" if checkpointing else None,
             checkpoint_every=config.checkpoint_every, resume=config.resume, progress=False,
+            compile_ahead=config.compile_ahead,
         )  # fmt: skip
     except NonFiniteError as error:
         result, stop_reason = error.result, str(error)
@@ -154,6 +156,7 @@ def run(
         "steps": result.steps,
         "examples": result.examples,
         "wall_time_s": result.wall_time,
+        "compiles": result.compiles,  # of the train step, ahead-of-time ones included
         # The batch size the method planned after its last step (the last batch may
         # have been cut short by the budget).
         "final_batch_size": result.controller.plan.batch_size,

@@ -126,6 +126,7 @@ def train_one(
         examples=budget, seed=options.seed, devices=options.devices, evals=options.evals,
         stats_backend=options.stats_backend, tolerance=options.eta,
         fill_buckets=options.fill_buckets, checkpoint_every=checkpoint_every, resume=resume,
+        compile_ahead=options.compile_ahead,
     )  # fmt: skip
     import jax
 
