@@ -725,7 +725,19 @@ def benchmark_mlp(batch_size=256):
     return params, batch, mask, loss_fn
 
 
-@pytest.mark.parametrize(("batch_size", "bound"), [(256, 1.5), (1024, 1.35)])
+# With the XLA:CPU of JAX 0.11 and newer the statistics at B = 256 take 1.56x: the
+# compiled program still frees each layer's squares early, but XLA schedules around it
+# (the README's status). Strict: should that version pass, the mark must go.
+_NEWER_XLA_SCHEDULE = pytest.mark.xfail(
+    tuple(int(p) for p in jax.__version__.split(".")[:2]) >= (0, 11),
+    reason="XLA:CPU of JAX >= 0.11 schedules the squares late at B = 256 (1.56x)",
+    strict=True,
+)
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "bound"), [pytest.param(256, 1.5, marks=_NEWER_XLA_SCHEDULE), (1024, 1.35)]
+)
 def test_tapped_layers_free_their_squares_before_the_next_layer(batch_size, bound):
     """With coordinates, each dense layer's squares are made and freed while the reverse
     pass is at that layer (`waiting_cotangents`), so the compiled temporary memory stays

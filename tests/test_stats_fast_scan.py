@@ -439,11 +439,15 @@ def test_lstm_gates_pass_their_shared_inputs_out_of_the_loop_once():
 
 @pytest.mark.xla_cpu
 def test_an_rnn_cell_passes_one_signal_out_of_the_loop():
-    """Memory of the Elman RNN, norms only: x, h and one δ of every step, not the bias's
-    other operand and three δ (compiled temporary memory / plain gradient's, not timed;
-    2.05x before)."""
-    width, n = 256, 64
-    params, batch = rnn_params(width, inputs=32), rnn_batch(n, steps=16, inputs=32)
+    """Memory of the Elman RNN, norms only: x, h and one δ of every step leave the loop,
+    not the bias's other operand and three δ. Measured as the compiled temporary memory
+    above a plain gradient's, against the bytes of those records (a plain gradient's own
+    memory moves between XLA versions: 3.8 MB with JAX 0.10.2, 2.7 MB with 0.12.1, while
+    the statistics' excess stays near the records': 0.84x and 1.19x of them; three δ
+    would be 1.9x)."""
+    width, n, steps, inputs = 256, 64, 16, 32
+    params, batch = rnn_params(width, inputs=inputs), rnn_batch(n, steps=steps, inputs=inputs)
+    records = n * steps * (inputs + width + width) * 4  # x, h, one δ: float32
 
     def mean_loss(p, b, mask):
         return jnp.sum(mask * rnn_loss()(p, b)) / jnp.sum(mask)
@@ -453,11 +457,11 @@ def test_an_rnn_cell_passes_one_signal_out_of_the_loop():
         return compiled.memory_analysis().temp_size_in_bytes
 
     plain = temp(jax.jit(jax.value_and_grad(mean_loss)))
-    assert temp(per_example_stats(rnn_loss(), backend="fast")) < 1.7 * plain
+    assert temp(per_example_stats(rnn_loss(), backend="fast")) - plain < 1.3 * records
     # With coordinates, one example's gᵢ of wh at a time (`_dense_products_by_example`),
-    # not chunks of them: 2.37x before.
+    # not chunks of them (2.37x a plain gradient's memory before, with JAX 0.10.2).
     coordinates = per_example_stats(rnn_loss(), backend="fast", coordinates=True)
-    assert temp(coordinates) < 1.75 * plain
+    assert temp(coordinates) - plain < 1.3 * records
 
 
 def test_weights_the_rule_cannot_take_fall_back_with_a_reason():

@@ -47,13 +47,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from adaptive_batch.stats._fast_analysis import (
-    Plan,
-    analyze,
-    evaluate,
-    transpose_views,
-    vary_like,
-)
+from adaptive_batch.stats._fast_analysis import Plan, analyze, evaluate, transpose_views
 from adaptive_batch.stats._fast_rules import choose_rule
 from adaptive_batch.stats._fast_scan_constant import RULE as SCAN_CONSTANT
 from adaptive_batch.stats._fast_scan_constant import (
@@ -73,6 +67,7 @@ from adaptive_batch.stats._fast_tap import (
 from adaptive_batch.stats._fast_tied import RULE as TIED_LOOKUP
 from adaptive_batch.stats._fast_tied import tied_lookup_stats, uses_tied_lookup
 from adaptive_batch.stats._grad_stats import GradStats
+from adaptive_batch.stats._manual_axes import vary_like, varying_axes
 from adaptive_batch.stats._row_sums import row_sums
 from adaptive_batch.stats._vmap import accumulation_dtype, masked, vmap_sums, with_real_rows
 
@@ -112,9 +107,16 @@ def build_plan(loss_fn, params: PyTree, batch: PyTree, *, coordinates: bool) -> 
         example = jax.tree.unflatten(batch_def, flat[num_leaves:])
         return loss_fn(p, jax.tree.map(lambda x: x[None], example))[0]
 
-    specs = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in leaves]
-    specs += [jax.ShapeDtypeStruct(jnp.shape(x)[1:], jnp.result_type(x)) for x in batch_leaves]
-    plan = analyze(jax.make_jaxpr(example_loss)(*specs), num_leaves)
+    if any(varying_axes(x) for x in [*leaves, *batch_leaves]):
+        # Inside shard_map: traced on the arguments themselves (one example of the
+        # batch), whose types say which device axes they vary over. The jaxprs nested
+        # in the trace (a custom_jvp's, a pjit's) are then typed alike; traced on bare
+        # shapes, newer JAX refuses to bind them to varying values.
+        args = [*leaves, *(jnp.asarray(x)[0] for x in batch_leaves)]
+    else:  # shapes and dtypes (a batch sharded over a mesh axis cannot give one row)
+        args = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in leaves]
+        args += [jax.ShapeDtypeStruct(jnp.shape(x)[1:], jnp.result_type(x)) for x in batch_leaves]
+    plan = analyze(jax.make_jaxpr(example_loss)(*args), num_leaves)
     batch_size = jnp.shape(batch_leaves[0])[0]
     plan.sites = {
         path: dataclasses.replace(site, rule=choose_rule(site, batch_size, coordinates))

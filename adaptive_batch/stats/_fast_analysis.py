@@ -47,6 +47,8 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core
 
+from adaptive_batch.stats._manual_axes import vary, vary_like, varying_axes
+
 Path = tuple[int, ...]
 
 # Linear, shape-only operations: a parameter seen through them is still "the parameter".
@@ -303,30 +305,11 @@ def bind(eqn, *args, params=None):
     """Bind ``eqn``'s primitive to ``args``, first making every argument vary over the
     same ``shard_map`` axes: the traced jaxpr knows no device axes, while inside
     ``shard_map`` the batch and the params vary over them and constants do not."""
-    axes = set().union(*(_varying_axes(a) for a in args))
+    axes = set().union(*(varying_axes(a) for a in args))
     if axes:
-        args = [_vary(a, axes) for a in args]
+        args = [vary(a, axes) for a in args]
     params = eqn.primitive.get_bind_params(eqn.params) if params is None else params
     return eqn.primitive.bind(*args, **params)
-
-
-def _varying_axes(x) -> set:
-    aval = jax.typeof(x)
-    manual_axes = getattr(aval, "mat", None)  # the attribute moved across JAX versions
-    if manual_axes is not None:
-        return set(manual_axes.varying)
-    return set(getattr(aval, "vma", ()))
-
-
-def _vary(x, axes):
-    missing = tuple(sorted(axes - _varying_axes(x)))
-    return jax.lax.pcast(jnp.asarray(x), missing, to="varying") if missing else x
-
-
-def vary_like(x, reference):
-    """``x`` made to vary over the ``shard_map`` axes that ``reference`` varies over."""
-    axes = _varying_axes(reference)
-    return _vary(x, axes) if axes else x
 
 
 def evaluate(plan: Plan, args: Sequence[Any], site_fns: dict[Path, Any], site_xs=None):
@@ -390,8 +373,8 @@ def evaluate(plan: Plan, args: Sequence[Any], site_fns: dict[Path, Any], site_xs
         # Inside shard_map the body's outputs vary over the batch's device axes. An
         # initial carry that the traced jaxpr builds from constants (zeros, say, which
         # the user's zeros_like(x) became) would not, and lax.scan refuses the mismatch.
-        axes = set().union(*(_varying_axes(v) for v in jax.tree.leaves((invals, inner))))
-        init = [_vary(c, axes) if axes else c for c in invals[consts_end:carry_end]]
+        axes = set().union(*(varying_axes(v) for v in jax.tree.leaves((invals, inner))))
+        init = [vary(c, axes) if axes else c for c in invals[consts_end:carry_end]]
         carry, ys = jax.lax.scan(
             step,
             init,

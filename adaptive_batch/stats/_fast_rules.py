@@ -39,9 +39,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from adaptive_batch.stats._fast_analysis import Site, bind, transpose_views, vary_like
+from adaptive_batch.stats._fast_analysis import Site, bind, transpose_views
 from adaptive_batch.stats._fast_conv import conv_unfold, is_plain_conv
 from adaptive_batch.stats._fast_embedding import embedding_stats, is_embedding
+from adaptive_batch.stats._manual_axes import vary_like
 from adaptive_batch.stats._row_sums import on_cpu, row_block, row_sums
 
 

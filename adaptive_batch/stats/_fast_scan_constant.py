@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core
 
-from adaptive_batch.stats._fast_analysis import Path, Site, jaxpr_at, vary_like
+from adaptive_batch.stats._fast_analysis import Path, Site, jaxpr_at
 from adaptive_batch.stats._fast_rules import (
     chain_transpose,
     chunked_sums,
@@ -43,6 +43,7 @@ from adaptive_batch.stats._fast_rules import (
     dense_stats,
     per_example_grad,
 )
+from adaptive_batch.stats._manual_axes import vary_like
 from adaptive_batch.stats._row_sums import row_sums
 from adaptive_batch.stats._vmap import accumulation_dtype
 

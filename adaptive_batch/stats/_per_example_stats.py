@@ -13,6 +13,7 @@ from optax import microbatching
 from adaptive_batch.stats import _validation
 from adaptive_batch.stats._fast import auto_sums, fast_sums
 from adaptive_batch.stats._grad_stats import GradStats
+from adaptive_batch.stats._manual_axes import vary, varying_axes
 from adaptive_batch.stats._vmap import masked, vmap_sums
 
 PyTree = Any
@@ -133,24 +134,14 @@ def _vary_like(params, batch):
     device's examples only (a per-device ``psum`` of them is then exact), so params are
     cast to vary like the batch before differentiating. Outside shard_map: a no-op.
     """
-    batch_axes = set().union(*(_varying_axes(x) for x in jax.tree.leaves(batch)))
+    batch_axes = set().union(*(varying_axes(x) for x in jax.tree.leaves(batch)))
     if not batch_axes:
         return params
 
-    def vary(x):
-        missing = tuple(sorted(batch_axes - _varying_axes(x)))
-        return jax.lax.pcast(x, missing, to="varying") if missing else x
+    def vary_as_batch(x):
+        return vary(x, batch_axes)
 
-    return jax.tree.map(vary, params)
-
-
-def _varying_axes(x) -> set:
-    """The shard_map axes an array varies over (the attribute moved across JAX versions)."""
-    aval = jax.typeof(x)
-    manual_axes = getattr(aval, "mat", None)
-    if manual_axes is not None:
-        return set(manual_axes.varying)
-    return set(getattr(aval, "vma", ()))
+    return jax.tree.map(vary_as_batch, params)
 
 
 def _pad_to_chunks(batch, mask, batch_size: int, microbatch_size: int | None):

@@ -19,7 +19,7 @@ import math
 import jax.numpy as jnp
 from jax import lax
 
-from adaptive_batch.stats._fast_analysis import vary_like
+from adaptive_batch.stats._manual_axes import vary_like
 
 
 def on_cpu(looped, whole_batch, *args):
