@@ -22,6 +22,7 @@ from flax import nnx
 from adaptive_batch.stats import GradStats, per_example_stats
 from adaptive_batch.stats._validation import check_mask_values
 from adaptive_batch.training._accumulate import batch_stats
+from adaptive_batch.training._devices import replicate_uncommitted
 from adaptive_batch.training._metrics import keep_if_skipped, step_metrics
 from adaptive_batch.training._plain import plain_stats_fn
 
@@ -263,6 +264,14 @@ def _refuse_rules_inside_multisteps(tx, params, opt_state) -> None:
         ) from None
 
 
+def _multi_device_sharding(tree):
+    """The sharding of the first array of ``tree`` placed over several devices, if any."""
+    for leaf in jax.tree.leaves(tree):
+        if isinstance(leaf, jax.Array) and leaf.committed and len(leaf.sharding.device_set) > 1:
+            return leaf.sharding
+    return None
+
+
 def _inside_multisteps(opt_state) -> bool:
     def is_multisteps(x):
         return isinstance(x, optax.MultiStepsState)
@@ -329,6 +338,12 @@ class PlainTrainStep(TrainStep):
         if mask is None:
             mask = _ones_mask(data)
         carry = self.to_carry((params, opt_state))
+        sharding = _multi_device_sharding((carry, data))
+        if sharding is not None:
+            # Optimizer states start with uncommitted scalars (a step count) that the
+            # step returns replicated over the mesh: placed so now, the second call
+            # has the first one's input types and does not compile again.
+            carry = replicate_uncommitted(carry, sharding)
         (params, opt_state), metrics = self.run(carry, data, mask, num_microbatches)
         return params, opt_state, metrics
 
