@@ -109,7 +109,11 @@ class GradStats(NamedTuple):
         float32 on the first update given float32 gradients, and a jitted step would
         compile again on its second call.
         """
-        return jax.tree.map(lambda g, p: g.astype(jnp.result_type(p)), self.mean_grad, params)
+        # Leaf by leaf in order: ``params`` may wrap its arrays where the sums do not
+        # (Flax NNX Variables).
+        leaves, treedef = jax.tree.flatten(self.mean_grad)
+        dtypes = [jnp.result_type(p) for p in jax.tree.leaves(params)]
+        return treedef.unflatten([g.astype(d) for g, d in zip(leaves, dtypes, strict=True)])
 
     @property
     def mean_grad_sq_norm(self) -> jax.Array:
