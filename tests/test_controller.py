@@ -265,7 +265,7 @@ def test_load_state_dict_errors():
     state = BatchSizeController(8, 512, lag=1).state_dict()
     with pytest.raises(ValueError, match="lag=1"):
         BatchSizeController(8, 512).load_state_dict(state)
-    with pytest.raises(ValueError, match="above max_batch_size=16"):
+    with pytest.raises(ValueError, match=r"outside this controller's bounds .* \[8, 16\]"):
         BatchSizeController(8, 16, lag=1).load_state_dict({**state, "batch_size": 100})
     with pytest.raises(ValueError, match="missing"):
         BatchSizeController(8, 512).load_state_dict({"batch_size": 8})

@@ -254,9 +254,13 @@ def test_missing_inputs_say_what_to_pass():
     w = jnp.zeros(2)
     with pytest.raises(TypeError, match="loss_fn must be callable"):
         scale_by_curvature("loss")
-    with pytest.raises(ValueError, match=r"tx.update\(grads, state, params, batch=batch"):
+    # A missing extra argument is a TypeError that shows the call (the package's rule);
+    # the fixed batch it suggests is an argument the factory takes.
+    with pytest.raises(TypeError, match=r"tx.update\(grads, state, params, batch=batch") as error:
         tx.update(jnp.ones(2), tx.init(w), w)
-    with pytest.raises(ValueError, match="needs the current params"):
+    assert "scale_by_curvature(loss_fn, curvature_batch=batch" in str(error.value)
+    scale_by_curvature(quadratic_loss, curvature_batch={"x": jnp.ones((2, 2))})
+    with pytest.raises(TypeError, match="needs the current params"):
         tx.update(jnp.ones(2), tx.init(w), batch={"x": jnp.ones((2, 2))})
 
 
@@ -300,3 +304,27 @@ def test_trains_an_mlp_on_digits():
     assert 0 < float(state.lambda_lo) <= float(state.lambda_max)
     np.testing.assert_allclose(state.learning_rate, 1 / state.lambda_max, rtol=1e-5)
     assert 0 <= float(state.momentum) <= 0.95
+
+
+@pytest.mark.parametrize("fixed", [False, True], ids=["step's batch", "factory's batch"])
+def test_scale_by_curvature_runs_in_fit(fixed):
+    """From `fit`: the train step hands its batch to the transform (or the factory holds
+    a fixed one), so the estimate is the data's Hessian: λ_max = 10, and the
+    gradient-descent rule's rate 2 / (λ_max + λ_lo) = 2 / 11."""
+    eigenvalues = np.linspace(1.0, 10.0, 16)
+    batch, _ = quadratic_problem(eigenvalues)
+    extra = {"curvature_batch": batch, "curvature_mask": jnp.ones(16, bool)} if fixed else {}
+    tx = optax.chain(
+        ab.norm_test(0.5, min_batch_size=16, max_batch_size=16),
+        scale_by_curvature(quadratic_loss, rule="gradient_descent", num_iters=16, **extra),
+    )
+    step = ab.make_train_step(quadratic_loss, tx)
+    w0 = jnp.zeros(16)
+    # Batches of all 16 rows (each a permutation of the data: the same Hessian).
+    controller = ab.BatchSizeController(16, 16, buckets=None)
+    result = ab.fit(step, (w0, tx.init(w0)), jax.device_get(batch), controller, steps=30,
+                    progress=False)  # fmt: skip
+    curvature = result.state[1][1]
+    np.testing.assert_allclose(curvature.lambda_max, 10.0, rtol=1e-3)
+    np.testing.assert_allclose(curvature.learning_rate, 2 / 11, rtol=1e-3)
+    assert excess_loss(result.state[0], batch) < 1e-3 * excess_loss(w0, batch)

@@ -18,7 +18,9 @@ def as_int(name: str, value: Any, *, minimum: int, hint: str = "") -> int:
     Integer types (Python, NumPy, JAX) are accepted as they are; floats only when they
     hold a whole number (``32.0``), since a fractional size is always a mistake.
     """
-    if isinstance(value, (bool, str, bytes)) or value is None:
+    # NumPy and JAX booleans too: float(True) would pass for 1.
+    is_bool = isinstance(value, bool) or getattr(getattr(value, "dtype", None), "kind", "") == "b"
+    if is_bool or isinstance(value, (str, bytes)) or value is None:
         raise TypeError(f"{name} must be an integer >= {minimum}, got {value!r}. {hint}".rstrip())
     shape = getattr(value, "shape", ())
     if shape != ():
@@ -54,6 +56,23 @@ def _whole_float(name: str, value: Any, minimum: int) -> int:
             "math.ceil), or make the rule return an integer."
         )
     return int(number)
+
+
+def state_int(state: dict[str, Any], key: str, *, minimum: int, owner: str) -> int:
+    """``state[key]`` as an int >= ``minimum``, or a ValueError about the state dict.
+
+    A saved position is written by ``state_dict()``, never computed by the user, so a
+    bad value means a damaged or hand-edited dict, not a rule to fix.
+    """
+    value = state[key]
+    try:
+        return as_int(f"state[{key!r}]", value, minimum=minimum)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"state[{key!r}]={value!r} is not a whole number >= {minimum}, so this is not a "
+            f"dict that {owner}.state_dict() wrote (or it was edited since). Pass the dict "
+            "state_dict() returned, unchanged."
+        ) from None
 
 
 def round_up(value: int, multiple: int) -> int:

@@ -33,7 +33,8 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
-from adaptive_batch.control._checks import as_int, round_up
+from adaptive_batch._limits import MAX_REPRESENTABLE_BATCH
+from adaptive_batch.control._checks import as_int, round_up, state_int
 
 _NEGATIVE_HINT = (
     "Sizes outside [min_batch_size, max_batch_size] are clamped, but a negative one "
@@ -42,6 +43,18 @@ _NEGATIVE_HINT = (
 
 #: How many batch-size changes `BatchSizeController.history` keeps (the most recent).
 HISTORY_LIMIT = 10_000
+
+
+def _representable(name: str, size: int, low: int) -> int:
+    """``size`` if the rules can represent it (they keep the batch size in an int32)."""
+    if size > MAX_REPRESENTABLE_BATCH:
+        raise ValueError(
+            f"{name}={size} is above {MAX_REPRESENTABLE_BATCH} (2**30), the largest batch size "
+            f"the batch-size rules can hold (an int32 with a margin); the allowed range is "
+            f"[{low}, {MAX_REPRESENTABLE_BATCH}]. Pass a bound the data and memory can serve, "
+            "at most the size of the training set (larger batches repeat examples)."
+        )
+    return size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +111,8 @@ class BatchSizeController:
       min_batch_size, max_batch_size: bounds on the real batch size, 1 <= min <= max.
       initial_batch_size: batch size of the first plan (default ``min_batch_size``).
       monotone: never shrink the batch (the adaptive sampling tests and AdAdaGrad only
-        grow it; CABS may shrink, set ``monotone=False`` for it).
+        grow it; CABS may shrink, set ``monotone=False`` for it: a suggestion a monotone
+        controller refuses to shrink to is kept in ``refused_shrink``, and `fit` warns).
       buckets: the padded sizes to compile.
 
         * ``"pow2"``: the powers of two in [min, max), plus max itself; a min that is
@@ -157,12 +171,18 @@ class BatchSizeController:
         lag: int = 0,
         fill_buckets: bool = True,
     ):
-        self.min_batch_size = as_int("min_batch_size", min_batch_size, minimum=1)
-        self.max_batch_size = as_int(
+        self.min_batch_size = _representable(
+            "min_batch_size", as_int("min_batch_size", min_batch_size, minimum=1), 1
+        )
+        self.max_batch_size = _representable(
             "max_batch_size",
-            max_batch_size,
-            minimum=self.min_batch_size,
-            hint="max_batch_size may not be below min_batch_size.",
+            as_int(
+                "max_batch_size",
+                max_batch_size,
+                minimum=self.min_batch_size,
+                hint="max_batch_size may not be below min_batch_size.",
+            ),
+            self.min_batch_size,
         )
         if initial_batch_size is None:
             initial_batch_size = self.min_batch_size
@@ -195,6 +215,9 @@ class BatchSizeController:
         self._batch_size = initial
         self._step = 0
         self.outside_bounds: int | None = None  # the last suggestion outside the bounds
+        # The last suggestion below the batch size that ``monotone`` kept from shrinking
+        # it: a rule that shrinks (CABS) under a monotone controller, which `fit` reports.
+        self.refused_shrink: int | None = None
         self._pending: deque[Any] = deque([None] * self.lag)
         self._history: deque[tuple[int, int]] = deque([(0, initial)], maxlen=HISTORY_LIMIT)
 
@@ -327,8 +350,11 @@ class BatchSizeController:
           suggested: the batch size the method wants: a Python, NumPy or JAX integer
             scalar (a whole-number float is accepted), >= 0; values outside the bounds
             are clamped, and the last such value is kept in ``outside_bounds`` (a sign
-            that the rule has other bounds than the controller; `fit` warns).
-            ``None``: no suggestion, keep the batch size.
+            that the rule has other bounds than the controller; `fit` warns). With
+            ``monotone=True`` the last suggestion that would have shrunk the batch is
+            kept in ``refused_shrink`` (a sign that the rule, CABS for one, wants
+            ``monotone=False``; `fit` warns). ``None``: no suggestion, keep the batch
+            size.
 
         Returns:
           The `BatchPlan` for the next step (also `plan` from now on).
@@ -342,12 +368,13 @@ class BatchSizeController:
         self._pending.append(suggested)
         applied = self._pending.popleft()
         if applied is not None:
-            size = as_int("suggested batch size", applied, minimum=0, hint=_NEGATIVE_HINT)
-            if size > self.max_batch_size or 0 < size < self.min_batch_size:
-                self.outside_bounds = size
-            size = self._filled(min(max(size, self.min_batch_size), self.max_batch_size))
-            if self.monotone:
-                size = max(size, self._batch_size)
+            asked = as_int("suggested batch size", applied, minimum=0, hint=_NEGATIVE_HINT)
+            if asked > self.max_batch_size or 0 < asked < self.min_batch_size:
+                self.outside_bounds = asked
+            size = self._filled(min(max(asked, self.min_batch_size), self.max_batch_size))
+            if self.monotone and size < self._batch_size:
+                self.refused_shrink = asked
+                size = self._batch_size
             if size != self._batch_size:
                 self._history.append((self._step + 1, size))
             self._batch_size = size
@@ -357,6 +384,14 @@ class BatchSizeController:
     def _check_early(self, suggested: Any) -> None:
         if suggested is None:
             return
+        # A bool passes for an integer in Python (True == 1): refuse it by name.
+        dtype = getattr(suggested, "dtype", None)
+        if isinstance(suggested, bool) or getattr(dtype, "kind", None) == "b":
+            raise TypeError(
+                f"the suggested batch size must be a scalar integer, got {suggested!r}, a "
+                "boolean. Pass the size the rule computed, for example "
+                "suggested_batch_size(opt_state)."
+            )
         if isinstance(suggested, (int, float)) or type(suggested).__module__ == "numpy":
             as_int("suggested batch size", suggested, minimum=0, hint=_NEGATIVE_HINT)
             return
@@ -392,11 +427,12 @@ class BatchSizeController:
         missing = {"batch_size", "step", "pending", "history"} - set(state)
         if missing:
             raise ValueError(f"state is missing {sorted(missing)}; pass a dict from state_dict().")
-        size = as_int("state['batch_size']", state["batch_size"], minimum=self.min_batch_size)
-        if size > self.max_batch_size:
+        size = state_int(state, "batch_size", minimum=1, owner="BatchSizeController")
+        if not self.min_batch_size <= size <= self.max_batch_size:
             raise ValueError(
-                f"state['batch_size']={size} is above max_batch_size={self.max_batch_size}; "
-                "the state comes from a controller with other bounds."
+                f"state['batch_size']={size} is outside this controller's bounds [min_batch_size"
+                f", max_batch_size] = [{self.min_batch_size}, {self.max_batch_size}]: the state "
+                "comes from a controller with other bounds. Restore it into one with the same."
             )
         pending = list(state["pending"])
         if len(pending) != self.lag:
@@ -406,7 +442,7 @@ class BatchSizeController:
             )
         pending = [None if s is None else as_int("pending", s, minimum=0) for s in pending]
         self._batch_size = size
-        self._step = as_int("state['step']", state["step"], minimum=0)
+        self._step = state_int(state, "step", minimum=0, owner="BatchSizeController")
         self._pending = deque(pending)
         self._history = deque(((int(s), int(b)) for s, b in state["history"]), maxlen=HISTORY_LIMIT)
 

@@ -93,6 +93,8 @@ def scale_by_curvature(
     init_momentum: float = 0.0,
     seed: int = 0,
     flip_sign: bool = True,
+    curvature_batch: PyTree | None = None,
+    curvature_mask: jax.Array | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Heavy-ball steps whose learning rate and momentum come from Lanczos eigenvalues.
 
@@ -110,13 +112,19 @@ def scale_by_curvature(
       init_momentum: β until the first accepted estimate, in [0, 1).
       seed: seed of the Lanczos start vectors.
       flip_sign: return −lr·g (a descent update, like ``optax.scale_by_learning_rate``).
+      curvature_batch, curvature_mask: a fixed batch (and its mask) to estimate on at
+        every estimate, instead of the step's batch: the batch Hessian's λ_max grows as
+        the batch shrinks, so with a growing batch a fixed one keeps the estimates
+        comparable. Held as constants of the compiled step.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``. ``update(grads, state, params, *,
       batch, mask=None, curvature_batch=None, curvature_mask=None, **ignored)``:
-      ``params`` and ``batch`` are required; ``curvature_batch``/``curvature_mask``, if
-      given, are used for the estimate instead (a fixed-size batch). Unknown extra
-      arguments are ignored, so it sits in ``optax.chain`` with the batch-size rules.
+      ``params`` and a batch are required. The estimate uses, first found:
+      ``curvature_batch=`` of the call, ``curvature_batch`` of the factory, ``batch=``
+      of the call (the train steps of `adaptive_batch.training`, and so `fit`, pass
+      their batch and mask). Unknown extra arguments are ignored, so it sits in
+      ``optax.chain`` with the batch-size rules.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
@@ -146,6 +154,9 @@ def scale_by_curvature(
     _check_number("max_momentum", max_momentum, 0, 1, high_open=True)
     _check_number("init_learning_rate", init_learning_rate, 0, float("inf"), high_open=True)
     _check_number("init_momentum", init_momentum, 0, 1, high_open=True)
+
+    # The factory's fixed batch (update's own curvature_batch= takes precedence).
+    fixed_batch, fixed_mask = curvature_batch, curvature_mask
 
     def init_fn(params):
         return CurvatureState(
@@ -205,17 +216,20 @@ def scale_by_curvature(
     ):
         del extra_args
         if params is None:
-            raise ValueError(
+            raise TypeError(
                 "scale_by_curvature needs the current params to measure the Hessian: call "
                 "tx.update(grads, state, params, batch=batch, mask=mask)."
             )
         if curvature_batch is not None:
             batch, mask = curvature_batch, curvature_mask
+        elif fixed_batch is not None:
+            batch, mask = fixed_batch, fixed_mask
         if batch is None:
-            raise ValueError(
+            raise TypeError(
                 "scale_by_curvature needs a batch to measure the Hessian on: call "
-                "tx.update(grads, state, params, batch=batch, mask=mask), or pass a "
-                "fixed-size curvature_batch=... (and curvature_mask=...)."
+                "tx.update(grads, state, params, batch=batch, mask=mask) (the train steps "
+                "and fit do), or build it with a fixed one: scale_by_curvature(loss_fn, "
+                "curvature_batch=batch, curvature_mask=mask)."
             )
         due = state.count % estimate_every == 0
         lr, momentum, lambda_max, lambda_lo = jax.lax.cond(

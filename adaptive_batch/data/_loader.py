@@ -15,6 +15,7 @@ batches wait in memory. ``loader.iterate(plans)`` does both for a known sequence
 from __future__ import annotations
 
 import itertools
+import os
 import weakref
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -22,8 +23,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from adaptive_batch._limits import MAX_REPRESENTABLE_BATCH
 from adaptive_batch.control import BatchPlan
-from adaptive_batch.control._checks import as_int
+from adaptive_batch.control._checks import as_int, state_int
 from adaptive_batch.data import _placement
 from adaptive_batch.data._order import EpochOrder
 from adaptive_batch.data._prefetch import Prefetcher
@@ -202,10 +204,12 @@ class Loader:
 
         Args:
           n_or_plan: a number of examples (padded to itself), or a plan with
-            ``batch_size`` and ``padded_size`` (a `adaptive_batch.BatchPlan`).
+            ``batch_size`` and ``padded_size`` (a `adaptive_batch.BatchPlan`); see
+            `next` for the sizes accepted.
         """
         self._check_open()
         plan = _as_plan(n_or_plan)
+        self._check_size(plan)
         start = self._requests[-1][2] if self._requests else self._position
         end = self._build.advance(start, plan.batch_size)
         self._requests.append((start, plan, end))
@@ -222,9 +226,16 @@ class Loader:
         be waiting (their batches come first). After it returns, `state_dict` counts
         the batch as read.
 
+        A batch larger than the source (``n > num_examples``) continues through the
+        next epochs' orders with ``span_epochs=True``, so it holds some examples twice
+        or more; with ``span_epochs=False`` it stops at the end of the epoch, with at
+        most ``num_examples`` real rows and the rest padding.
+
         Raises:
-          TypeError / ValueError: for a size that is not a whole number >= 1, or a plan
-            with ``batch_size > padded_size``.
+          TypeError / ValueError: for a size that is not a whole number >= 1, a plan
+            with ``batch_size > padded_size``, or a batch that cannot be built: more
+            than 2**30 rows (the largest batch size of the rules and the
+            `BatchSizeController`), or more bytes than the host's memory.
           RuntimeError: ``next(plan)`` while requests wait, ``next()`` with none, or
             after `close`.
         """
@@ -311,14 +322,47 @@ class Loader:
                     f"the state was saved with {key}={state[key]!r}, but this loader has "
                     f"{key}={getattr(self, key)!r}; resume with the same source and settings."
                 )
-        epoch = as_int("state['epoch']", state["epoch"], minimum=0)
-        index = as_int("state['index']", state["index"], minimum=0)
+        epoch = state_int(state, "epoch", minimum=0, owner="Loader")
+        index = state_int(state, "index", minimum=0, owner="Loader")
         if index >= self.num_examples:
             raise ValueError(
                 f"state['index']={index} is not below num_examples={self.num_examples}."
             )
         self._cancel()
         self._position = epoch * self.num_examples + index
+
+    def _check_size(self, plan: BatchPlan) -> None:
+        """Refuse at once a batch that could never be built.
+
+        Two bounds, both independent of the data set's size, since a batch above it is
+        normal (a cap above the training set: the batch continues into the next epoch):
+        2**30 rows, what the rules and the controller can ask for at most; and the
+        host's memory, which the batch's rows and its int64 stream indices must fit in.
+        Without them a huge request spends minutes drawing permutations, then swaps or
+        dies of memory.
+        """
+        rows = plan.padded_size
+        if rows > MAX_REPRESENTABLE_BATCH:
+            raise ValueError(
+                f"a batch of {rows} rows is above {MAX_REPRESENTABLE_BATCH} (2**30), the "
+                "largest batch size the rules and the BatchSizeController can ask for. Request "
+                f"at most {MAX_REPRESENTABLE_BATCH} rows (this source has {self.num_examples} "
+                "examples; a larger batch repeats them)."
+            )
+        row_bytes, memory = self._source.row_nbytes, _host_memory()
+        if row_bytes is None or memory is None:
+            return  # not known yet (a random-access source before its first read)
+        if self.sharding is not None and not self.sharding.is_fully_addressable:
+            start, stop = _placement.local_rows(self.sharding, rows)
+            rows = stop - start  # several processes: this host builds its rows only
+        needed = rows * row_bytes + plan.batch_size * 8
+        if needed > memory:
+            raise ValueError(
+                f"a batch of {plan.padded_size} rows of {row_bytes} bytes needs {needed:,} "
+                f"bytes of host memory, more than this host's {memory:,}. Request fewer rows: "
+                "lower the controller's max_batch_size (this source has "
+                f"{self.num_examples} examples; a larger batch repeats them)."
+            )
 
     # ------------------------------------------------------------------ shutdown
 
@@ -350,6 +394,14 @@ class Loader:
             f"{self.shuffle}, span_epochs={self.span_epochs}, prefetch={self.prefetch}, "
             f"epoch={self.epoch}, index={self.index}, pending={self.pending})"
         )
+
+
+def _host_memory() -> int | None:
+    """The host's physical memory in bytes; None where the OS does not say (Windows)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 def _as_plan(n_or_plan: Any) -> BatchPlan:

@@ -17,6 +17,7 @@ of shape ``(padded_size, ...)`` with rows ``len(indices):`` zero.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -107,6 +108,11 @@ class ArraySource:
     def __len__(self) -> int:
         return self.num_examples
 
+    @property
+    def row_nbytes(self) -> int:
+        """Bytes of one example in a batch (all arrays' rows)."""
+        return sum(leaf.dtype.itemsize * math.prod(leaf.shape[1:]) for leaf in self.leaves)
+
     def gather(self, indices: np.ndarray, padded_size: int) -> PyTree:
         out = []
         n = len(indices)
@@ -132,6 +138,16 @@ class ItemSource:
 
     def __len__(self) -> int:
         return self.num_examples
+
+    @property
+    def row_nbytes(self) -> int | None:
+        """Bytes of one example in a batch; None before the first example is read."""
+        if self._leaf_dtypes is None:  # set last by `_check_first` (maybe on another thread)
+            return None
+        return sum(
+            dtype.itemsize * math.prod(shape)
+            for shape, dtype in zip(self._leaf_shapes, self._leaf_dtypes, strict=True)
+        )
 
     def _read(self, indices: list[int]) -> list[Any]:
         getitems = getattr(self.source, "__getitems__", None)

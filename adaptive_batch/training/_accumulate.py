@@ -49,6 +49,17 @@ def split_microbatches(tree: PyTree, num_microbatches: int) -> PyTree:
     return jax.tree.map(split, tree)
 
 
+def step_batch(data, mask, num_microbatches: int) -> dict:
+    """The extra arguments a train step hands ``tx.update`` besides ``grad_stats``:
+    ``batch=`` and ``mask=``, the step's batch, or its first micro-batch when it has
+    several (``scale_by_curvature`` measures the Hessian on it; the others ignore it)."""
+    if num_microbatches > 1:
+        data, mask = jax.tree.map(
+            lambda x: x[0], split_microbatches((data, mask), num_microbatches)
+        )
+    return {"batch": data, "mask": mask}
+
+
 def inner_product_sums(loss_fn, params, direction, batch, mask) -> tuple[jax.Array, jax.Array]:
     """(Σᵢ pᵢ, Σᵢ pᵢ²) over real rows, pᵢ = gᵢ·d, from one ``jax.jvp`` of the losses."""
     _, products = jax.jvp(lambda p: loss_fn(p, batch), (params,), (direction,))

@@ -94,6 +94,8 @@ def fit(
         thread competes with the step for the same cores; `benchmarks/loop.py` compares
         both).
       controller: the `BatchSizeController`; its ``lag=1`` overlaps host and device.
+        `fit` warns once when its ``max_batch_size`` is above the data's number of
+        examples, and once when a monotone controller refuses a smaller batch.
       steps, epochs, examples: the budget; give at least one, training stops at the
         first reached. ``epochs`` (may be fractional) and ``examples`` are exact: the
         last batch is cut short (same padded shape, no recompile). A resumed run
@@ -185,6 +187,8 @@ def fit(
             f"the loader has {loader.pending} requested batch(es) waiting; fit requests its "
             "own. Take them with loader.next() first, or pass a fresh loader."
         )
+    if controller.max_batch_size > loader.num_examples and loader.span_epochs:
+        _warn_cap_above_data(controller.max_batch_size, loader.num_examples)
     max_steps = math.inf if steps is None else steps
     max_examples = math.inf if examples is None else examples
     if epochs is not None:
@@ -231,7 +235,7 @@ def fit(
     paused = 0.0  # seconds spent evaluating and checkpointing since `start`
     stopped = "budget"
     stop_steps: list[int] = []  # the step at which max_nonfinite_steps was reached
-    bounds_warned = False
+    bounds_warned = shrink_warned = False
     compiled_ahead_for = None  # the bucket whose next buckets compile_ahead started
 
     def request(plan: BatchPlan) -> None:
@@ -322,6 +326,9 @@ def fit(
                 if controller.outside_bounds is not None and not bounds_warned:
                     bounds_warned = True
                     _warn_bounds(controller)
+                if controller.refused_shrink is not None and not shrink_warned:
+                    shrink_warned = True
+                    _warn_refused_shrink(controller)
                 final = (
                     counters.steps >= max_steps or requested >= max_examples or interrupt.is_set()
                 )
@@ -466,6 +473,31 @@ def _warn_bounds(controller: BatchSizeController) -> None:
         "BatchSizeController have different bounds. State them once: give the rule the "
         f"controller's min_batch_size={lo} and max_batch_size={hi} (or the controller the "
         "rule's). Warned once per run.",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def _warn_refused_shrink(controller: BatchSizeController) -> None:
+    warnings.warn(
+        f"the batch-size rule asked for {controller.refused_shrink} examples, below the "
+        f"current batch of {controller.plan.batch_size}, but the BatchSizeController has "
+        "monotone=True (the default), so the batch did not shrink and the rule's choice was "
+        "overridden. For a rule that may shrink the batch, such as CABS (cabs, cabs_rule), "
+        "pass BatchSizeController(..., monotone=False). Warned once per run; "
+        "controller.refused_shrink holds the last such suggestion.",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def _warn_cap_above_data(max_batch_size: int, num_examples: int) -> None:
+    warnings.warn(
+        f"the controller's max_batch_size={max_batch_size} is above the {num_examples} "
+        f"examples of the data: a batch above {num_examples} continues into the next "
+        "epoch, so it holds some examples twice. Pass max_batch_size="
+        f"{num_examples} (to the BatchSizeController and to the rule) to stop at full-batch "
+        "training.",
         UserWarning,
         stacklevel=3,
     )

@@ -6,6 +6,7 @@ from typing import Any
 
 import optax
 
+from adaptive_batch.training._accumulate import step_batch
 from adaptive_batch.training._metrics import step_metrics
 from adaptive_batch.training._step import LossFn, TrainStep, _ones_mask
 
@@ -23,7 +24,11 @@ class LinenTrainStep(TrainStep):
         tx = optax.with_extra_args_support(state.tx)
         stats = self.stats(tx, state.params, state.opt_state, data, mask, num_microbatches)
         updates, opt_state = tx.update(
-            stats.mean_grad_like(state.params), state.opt_state, state.params, grad_stats=stats
+            stats.mean_grad_like(state.params),
+            state.opt_state,
+            state.params,
+            grad_stats=stats,
+            **step_batch(data, mask, num_microbatches),
         )
         params = optax.apply_updates(state.params, updates)
         metrics = step_metrics(

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from adaptive_batch.training._accumulate import step_batch
 from adaptive_batch.training._metrics import step_metrics
 from adaptive_batch.training._step import LossFn, TrainStep, _ones_mask
 
@@ -64,7 +65,9 @@ class NnxTrainStep(TrainStep):
         previous_params = nnx.as_pure(params)
         grads = stats.mean_grad_like(previous_params)
         if isinstance(optimizer.tx, optax.GradientTransformationExtraArgs):
-            optimizer.update(model, grads, grad_stats=stats)
+            optimizer.update(
+                model, grads, grad_stats=stats, **step_batch(data, mask, num_microbatches)
+            )
         else:  # a plain Optax transform takes no extra arguments
             optimizer.update(model, grads)
         # optimizer.update applies the updates in place; their norm is the step taken.

@@ -21,7 +21,8 @@ from flax import nnx
 
 from adaptive_batch.stats import GradStats, per_example_stats
 from adaptive_batch.stats._validation import check_mask_values
-from adaptive_batch.training._accumulate import batch_stats
+from adaptive_batch.training._accumulate import batch_stats, step_batch
+from adaptive_batch.training._chain_check import refuse_misplaced_optimizer
 from adaptive_batch.training._devices import replicate_uncommitted
 from adaptive_batch.training._metrics import keep_if_skipped, step_metrics
 from adaptive_batch.training._plain import plain_stats_fn
@@ -49,18 +50,22 @@ def _abstract(tree: PyTree) -> PyTree:
     return jax.tree.map(leaf, tree)
 
 
-def needed_stats(tx, params, opt_state, coordinates=None, inner=None) -> tuple[bool, bool] | None:
+def needed_stats(
+    tx, params, opt_state, coordinates=None, inner=None, extra=None
+) -> tuple[bool, bool] | None:
     """The cheapest (coordinates, inner) statistics ``tx`` accepts, found by abstract
     evaluation of ``tx.update`` (no FLOPs): a transform that needs a sum it is not given
     raises a TypeError (the package's ``grad_stats`` contract). Explicit settings win.
 
     None: ``tx`` runs without ``grad_stats`` (a plain Optax transform) and neither
-    setting was given, so the step needs only the mean gradient.
+    setting was given, so the step needs only the mean gradient. ``extra``: the other
+    extra arguments the step passes (its batch), given to every probe.
     """
     params, opt_state = _abstract(params), _abstract(opt_state)
+    extra = _abstract(extra or {})
     if coordinates is None and inner is None:
         try:
-            jax.eval_shape(lambda p, s: tx.update(p, s, p), params, opt_state)
+            jax.eval_shape(lambda p, s, e: tx.update(p, s, p, **e), params, opt_state, extra)
         except Exception:  # any failure without grad_stats: it needs them
             pass
         else:
@@ -83,8 +88,9 @@ def needed_stats(tx, params, opt_state, coordinates=None, inner=None) -> tuple[b
         )
         try:
             jax.eval_shape(
-                lambda p, s, g: tx.update(g.grad_sum, s, p, grad_stats=g), params, opt_state, stats
-            )
+                lambda p, s, g, e: tx.update(g.grad_sum, s, p, grad_stats=g, **e),
+                params, opt_state, stats, extra,
+            )  # fmt: skip
         except TypeError as error:
             first_error = first_error or error
             continue
@@ -164,10 +170,14 @@ class TrainStep:
         if tx not in self._options:
             # Plain arrays, as tx.update sees them (Flax NNX wraps them in Variables).
             pure = nnx.as_pure((params, opt_state))
+            refuse_misplaced_optimizer(pure[1])
             extra_args_tx = optax.with_extra_args_support(tx)
             if _inside_multisteps(opt_state):
                 _refuse_rules_inside_multisteps(extra_args_tx, *pure)
-            self._options[tx] = needed_stats(extra_args_tx, *pure, self._coordinates, self._inner)
+            extra = step_batch(data, mask, num_microbatches)
+            self._options[tx] = needed_stats(
+                extra_args_tx, *pure, self._coordinates, self._inner, extra
+            )
         if self._options[tx] is None:  # a plain transform: the mean gradient is enough
             stats_fn = plain_stats_fn(self.loss_fn if loss_fn is None else loss_fn)
             return batch_stats(
@@ -305,8 +315,9 @@ class PlainTrainStep(TrainStep):
         params, opt_state = carry
         stats = self.stats(self.tx, params, opt_state, data, mask, num_microbatches)
         updates, new_opt_state = self.tx.update(
-            stats.mean_grad_like(params), opt_state, params, grad_stats=stats
-        )
+            stats.mean_grad_like(params), opt_state, params, grad_stats=stats,
+            **step_batch(data, mask, num_microbatches),
+        )  # fmt: skip
         params = optax.apply_updates(params, updates)
         metrics = step_metrics(
             stats, new_opt_state, previous_opt_state=opt_state, updates=updates, params=params,

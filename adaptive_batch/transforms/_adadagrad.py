@@ -9,11 +9,31 @@ import jax.numpy as jnp
 import optax
 
 from adaptive_batch.transforms import _common
+from adaptive_batch.transforms._complete import CompleteOptimizerState, end_mark
 from adaptive_batch.transforms._coordinate_norm_test import coordinate_norm_test
 from adaptive_batch.transforms._norm_test import norm_test
+from adaptive_batch.transforms._sampling_test import check_eta, check_test_arguments
 
 # The batch-size tests ``adadagrad(test=...)`` accepts.
 _TESTS = {"norm": norm_test, "coordinate": coordinate_norm_test}
+
+
+class AdadagradEnd(CompleteOptimizerState):
+    """Ends the state of `adadagrad` (no arrays): marks it as a complete optimizer."""
+
+    optimizer = "adadagrad"
+    instead = "adaptive_batch.norm_test(eta)"
+    parts = (
+        "adaptive_batch.norm_test(eta), adaptive_batch.transforms.scale_by_adagrad_torch(), "
+        "optax.scale_by_learning_rate(learning_rate)"
+    )
+
+
+def _check_eps(owner, eps) -> None:
+    _common.check_real(
+        owner, "eps", eps, low=0, low_open=False,
+        hint="Pass a small nonnegative number such as eps=1e-10.",
+    )  # fmt: skip
 
 
 class ScaleByAdagradTorchState(NamedTuple):
@@ -36,10 +56,7 @@ def scale_by_adagrad_torch(eps=1e-10) -> optax.GradientTransformation:
     Args:
       eps: ε >= 0 added to the root (default 1e-10, as PyTorch).
     """
-    _common.check_real(
-        "scale_by_adagrad_torch", "eps", eps, low=0, low_open=False,
-        hint="Pass a small nonnegative number such as eps=1e-10.",
-    )  # fmt: skip
+    _check_eps("scale_by_adagrad_torch", eps)
 
     def init_fn(params):
         dtype = _common.state_dtype(params)
@@ -99,6 +116,12 @@ def adadagrad(
       to constant-batch AdaGrad on an equal examples budget. Needs
       ``per_example_stats(loss_fn, coordinates=True)``.
 
+    A complete optimizer, not a rule: use it alone (or last in a chain). For its
+    batch-size test with another optimizer chain the test in front of that one,
+    ``optax.chain(norm_test(eta), optax.adam(...))``; the train steps refuse a chain
+    that puts anything after `adadagrad`. Its state ends with an `AdadagradEnd` mark
+    (no arrays).
+
     Args:
       learning_rate: α > 0, a float or an Optax schedule (the official MNIST scripts
         use 8e-3).
@@ -128,9 +151,10 @@ def adadagrad(
       Byrd, Chin, Nocedal, Wu, "Sample size selection in optimization methods for
       machine learning", Math. Program. 2012 (the norm test).
     """
+    owner = "adadagrad"
     if not callable(learning_rate):
         _common.check_real(
-            "adadagrad", "learning_rate", learning_rate, low=0,
+            owner, "learning_rate", learning_rate, low=0,
             hint="Pass a positive learning rate such as learning_rate=8e-3, or a schedule.",
         )  # fmt: skip
     if not isinstance(test, str) or test not in _TESTS:
@@ -139,6 +163,9 @@ def adadagrad(
             "(the official code's experiments) or test='coordinate' (the per-coordinate "
             "test, which needs per_example_stats(loss_fn, coordinates=True))."
         )
+    check_eta(owner, eta)
+    check_test_arguments(owner, min_batch_size, max_batch_size, initial_batch_size, every, monotone)
+    _check_eps(owner, eps)
     return optax.chain(
         _TESTS[test](
             eta,
@@ -150,4 +177,5 @@ def adadagrad(
         ),
         scale_by_adagrad_torch(eps),
         optax.scale_by_learning_rate(learning_rate),
+        end_mark(AdadagradEnd),
     )

@@ -9,7 +9,26 @@ import jax.numpy as jnp
 import optax
 
 from adaptive_batch.transforms import _common
+from adaptive_batch.transforms._complete import CompleteOptimizerState, end_mark
 from adaptive_batch.transforms._norm_test import norm_test
+from adaptive_batch.transforms._sampling_test import check_eta, check_test_arguments
+
+
+class AdadagradNormEnd(CompleteOptimizerState):
+    """Ends the state of `adadagrad_norm` (no arrays): marks it as a complete optimizer."""
+
+    optimizer = "adadagrad_norm"
+    instead = "adaptive_batch.norm_test(eta)"
+    parts = (
+        "adaptive_batch.norm_test(eta), adaptive_batch.scale_by_adagrad_norm(), "
+        "optax.scale_by_learning_rate(learning_rate)"
+    )
+
+
+def _check_b0(owner, b0) -> None:
+    _common.check_real(
+        owner, "b0", b0, low=0, hint="Pass b0 > 0 (v0 = b0² must be positive), e.g. b0=0.01."
+    )
 
 
 class ScaleByAdaGradNormState(NamedTuple):
@@ -46,10 +65,7 @@ def scale_by_adagrad_norm(b0=0.01) -> optax.GradientTransformation:
       Ward, Wu, Bottou, "AdaGrad stepsizes: sharp convergence over nonconvex
       landscapes", ICML 2019, https://arxiv.org/abs/1806.01811
     """
-    _common.check_real(
-        "scale_by_adagrad_norm", "b0", b0, low=0,
-        hint="Pass b0 > 0 (v0 = b0² must be positive), e.g. b0=0.01.",
-    )  # fmt: skip
+    _check_b0("scale_by_adagrad_norm", b0)
 
     def init_fn(params):
         dtype = _common.state_dtype(params)
@@ -90,6 +106,12 @@ def adadagrad_norm(
 
     and the next batch size from the norm test on the same batch (see `norm_test`).
 
+    A complete optimizer, not a rule: use it alone (or last in a chain). For the norm
+    test with another optimizer chain the test in front of that one,
+    ``optax.chain(norm_test(eta), optax.adam(...))``; the train steps refuse a chain
+    that puts anything after `adadagrad_norm`. Its state ends with an
+    `AdadagradNormEnd` mark (no arrays).
+
     Args:
       learning_rate: α > 0, a float or an Optax schedule.
       eta: norm-test tolerance η > 0 (default 0.1).
@@ -115,11 +137,15 @@ def adadagrad_norm(
       Lau, Liu, Kolar, "AdAdaGrad: Adaptive Batch Size Schemes for Adaptive Gradient
       Methods", https://arxiv.org/abs/2402.11215
     """
+    owner = "adadagrad_norm"
     if not callable(learning_rate):
         _common.check_real(
-            "adadagrad_norm", "learning_rate", learning_rate, low=0,
+            owner, "learning_rate", learning_rate, low=0,
             hint="Pass a positive learning rate such as learning_rate=0.1, or a schedule.",
         )  # fmt: skip
+    check_eta(owner, eta)
+    check_test_arguments(owner, min_batch_size, max_batch_size, initial_batch_size, every, monotone)
+    _check_b0(owner, b0)
     return optax.chain(
         norm_test(
             eta,
@@ -131,4 +157,5 @@ def adadagrad_norm(
         ),
         scale_by_adagrad_norm(b0),
         optax.scale_by_learning_rate(learning_rate),
+        end_mark(AdadagradNormEnd),
     )

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from adaptive_batch.transforms import _common
+from adaptive_batch.transforms._complete import CompleteOptimizerState, end_mark
 
 
 class CabsState(NamedTuple):
@@ -19,6 +20,14 @@ class CabsState(NamedTuple):
     loss_avg: jax.Array  # () float (>= float32): running average of the batch loss F̂
     xi_avg: jax.Array  # () float: running average of the gradient variance ξ
     skipped: jax.Array  # () int32: steps ignored because of non-finite statistics
+
+
+class CabsEnd(CompleteOptimizerState):
+    """Ends the state of `cabs` (no arrays): marks it as a complete optimizer."""
+
+    optimizer = "cabs"
+    instead = "adaptive_batch.cabs_rule(learning_rate)"
+    parts = "adaptive_batch.cabs_rule(learning_rate), optax.sgd(learning_rate)"
 
 
 def _check_learning_rate(owner, learning_rate):
@@ -32,6 +41,25 @@ def _check_learning_rate(owner, learning_rate):
     _common.check_real(
         owner, "learning_rate", learning_rate, low=0,
         hint="Pass a positive constant learning rate such as learning_rate=0.1.",
+    )  # fmt: skip
+
+
+def _check_arguments(
+    owner, learning_rate, min_batch_size, max_batch_size, initial_batch_size, decay, scale, eps
+):
+    """Shared by `cabs_rule` and `cabs`, so that errors name the function called."""
+    _check_learning_rate(owner, learning_rate)
+    if initial_batch_size is None:
+        initial_batch_size = min_batch_size
+    _common.check_batch_bounds(owner, min_batch_size, max_batch_size, initial_batch_size)
+    _common.check_real(
+        owner, "decay", decay, low=0, low_open=False, high=1, high_open=True,
+        hint="Pass the running-average decay μ, e.g. decay=0.95.",
+    )  # fmt: skip
+    _common.check_real(owner, "scale", scale, low=0, hint="Pass c > 0, e.g. scale=1.0.")
+    _common.check_real(
+        owner, "eps", eps, low=0, low_open=False,
+        hint="Pass a small nonnegative number such as eps=1e-8.",
     )  # fmt: skip
 
 
@@ -101,19 +129,11 @@ def cabs_rule(
       UAI 2017, https://arxiv.org/abs/1612.05086
     """
     owner = "cabs_rule"
-    _check_learning_rate(owner, learning_rate)
     if initial_batch_size is None:
         initial_batch_size = min_batch_size
-    _common.check_batch_bounds(owner, min_batch_size, max_batch_size, initial_batch_size)
-    _common.check_real(
-        owner, "decay", decay, low=0, low_open=False, high=1, high_open=True,
-        hint="Pass the running-average decay μ, e.g. decay=0.95.",
-    )  # fmt: skip
-    _common.check_real(owner, "scale", scale, low=0, hint="Pass c > 0, e.g. scale=1.0.")
-    _common.check_real(
-        owner, "eps", eps, low=0, low_open=False,
-        hint="Pass a small nonnegative number such as eps=1e-8.",
-    )  # fmt: skip
+    _check_arguments(
+        owner, learning_rate, min_batch_size, max_batch_size, initial_batch_size, decay, scale, eps
+    )
 
     def init_fn(params):
         dtype = _common.state_dtype(params)
@@ -165,6 +185,12 @@ def cabs(
     every argument. No momentum, no schedule: CABS replaces the learning-rate
     schedule by the growing batch.
 
+    A complete optimizer, not a rule: use it alone (or last in a chain). To set the
+    batch size with CABS for another optimizer chain the rule in front of it,
+    ``optax.chain(cabs_rule(α), optax.adam(...))``; the train steps refuse a chain
+    that puts anything after `cabs`. Its state ends with a `CabsEnd` mark (no arrays).
+    CABS may shrink the batch: run it with ``BatchSizeController(..., monotone=False)``.
+
     Example:
       >>> import jax.numpy as jnp, optax
       >>> import adaptive_batch as ab
@@ -183,7 +209,9 @@ def cabs(
       Balles, Romero, Hennig, "Coupling Adaptive Batch Sizes with Learning Rates",
       UAI 2017, https://arxiv.org/abs/1612.05086
     """
-    _check_learning_rate("cabs", learning_rate)
+    _check_arguments(
+        "cabs", learning_rate, min_batch_size, max_batch_size, initial_batch_size, decay, scale, eps
+    )
     return optax.chain(
         cabs_rule(
             learning_rate,
@@ -195,4 +223,5 @@ def cabs(
             eps=eps,
         ),
         optax.sgd(learning_rate),
+        end_mark(CabsEnd),
     )

@@ -15,12 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adaptive_batch._limits import MAX_REPRESENTABLE_BATCH
 from adaptive_batch.stats import GradStats
 
 PyTree = Any
-
-# int32 holds every batch size we can represent; keep a margin below 2**31.
-MAX_REPRESENTABLE_BATCH = 2**30
 
 
 # --------------------------------------------------------------------- argument checks

@@ -7,8 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaptive_batch.transforms import _common
-from adaptive_batch.transforms._sampling_test import sampling_test, tolerance_sq
+from adaptive_batch.transforms._sampling_test import check_eta, sampling_test, tolerance_sq
 
 
 def _coordinate_demand(stats, eta):
@@ -92,7 +91,7 @@ def coordinate_norm_test(
       Methods", https://arxiv.org/abs/2402.11215
     """
     owner = "coordinate_norm_test"
-    _common.check_real(owner, "eta", eta, low=0, hint="Pass a positive tolerance such as eta=0.1.")
+    check_eta(owner, eta)
     return sampling_test(
         owner,
         lambda stats: _coordinate_demand(stats, eta),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import optax
 
 from adaptive_batch.transforms import _common
-from adaptive_batch.transforms._sampling_test import sampling_test, tolerance_sq
+from adaptive_batch.transforms._sampling_test import check_eta, sampling_test, tolerance_sq
 
 
 def norm_test(
@@ -76,7 +76,7 @@ def norm_test(
       Methods", https://arxiv.org/abs/2402.11215
     """
     owner = "norm_test"
-    _common.check_real(owner, "eta", eta, low=0, hint="Pass a positive tolerance such as eta=0.1.")
+    check_eta(owner, eta)
 
     def demand(stats):
         sq_norm = stats.mean_grad_sq_norm

@@ -55,16 +55,7 @@ def sampling_test(
     """An identity transform whose state carries the batch size the test wants next."""
     if initial_batch_size is None:
         initial_batch_size = min_batch_size
-    _common.check_batch_bounds(owner, min_batch_size, max_batch_size, initial_batch_size)
-    _common.check_int(
-        owner,
-        "every",
-        every,
-        low=1,
-        high=2**30,
-        hint="Pass every=1 to test every step, every=k to test every k-th step.",
-    )
-    _common.check_bool(owner, "monotone", monotone)
+    check_test_arguments(owner, min_batch_size, max_batch_size, initial_batch_size, every, monotone)
 
     def init_fn(params):
         del params
@@ -97,6 +88,29 @@ def sampling_test(
         return updates, _common.guarded(new_state, state, stats)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def check_test_arguments(
+    owner, min_batch_size, max_batch_size, initial_batch_size, every, monotone
+):
+    """The arguments every test shares; also called by the optimizers built on a test,
+    so that their errors name the function the user called."""
+    if initial_batch_size is None:
+        initial_batch_size = min_batch_size
+    _common.check_batch_bounds(owner, min_batch_size, max_batch_size, initial_batch_size)
+    _common.check_int(
+        owner,
+        "every",
+        every,
+        low=1,
+        high=2**30,
+        hint="Pass every=1 to test every step, every=k to test every k-th step.",
+    )
+    _common.check_bool(owner, "monotone", monotone)
+
+
+def check_eta(owner, eta) -> None:
+    _common.check_real(owner, "eta", eta, low=0, hint="Pass a positive tolerance such as eta=0.1.")
 
 
 def tolerance_sq(value, dtype) -> jax.Array:
