@@ -132,9 +132,13 @@ def test_train_baseline_uses_constant_batch_and_two_devices(tmp_path, capsys):
 
 def test_compare_writes_report_with_table(tmp_path, capsys):
     out_dir = tmp_path / "cmp"
-    argv = ["compare", *TINY, "--methods", "cabs,sgd", "--target", "0.5", "--out", str(out_dir)]
+    # --batch-size sets the baselines' batch (train refuses it for an adaptive method).
+    argv = ["compare", *TINY, "--methods", "cabs,sgd", "--target", "0.5", "--batch-size", "16",
+            "--out", str(out_dir)]  # fmt: skip
     code, out, err = _run(argv, capsys)
     assert code == 0, err
+    assert {r["batch_size"] for r in _read_jsonl(out_dir / "sgd" / "metrics.jsonl")} == {16}
+    assert _read_jsonl(out_dir / "cabs" / "metrics.jsonl")[0]["batch_size"] == 8
     summaries = json.loads((out_dir / "summary.json").read_text())
     assert list(summaries) == ["cabs", "sgd"]
     report = (out_dir / "report.md").read_text()

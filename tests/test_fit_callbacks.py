@@ -1,18 +1,29 @@
-"""`EvalSchedule`, `MetricsWriter` (strict JSON, resume truncation, a cut last line) and
-the callback order of `fit`."""
+"""`EvalSchedule`, `MetricsWriter` (strict JSON, resume truncation, a cut last line, a
+full disk), `ProgressBar` (time left, the budget's last batch) and the callback order of
+`fit`."""
 
 from __future__ import annotations
 
+import errno
+import io
 import itertools
 import json
 import math
+import os
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import adaptive_batch as ab
-from adaptive_batch.training import Callback, EvalSchedule, FitStart, History, MetricsWriter
+from adaptive_batch.training import (
+    Callback,
+    EvalSchedule,
+    FitStart,
+    History,
+    MetricsWriter,
+    ProgressBar,
+)
 
 
 def test_schedule_by_steps_examples_and_powers_of_two():
@@ -89,3 +100,67 @@ def test_callbacks_see_complete_records_in_order():
     for i, call in enumerate(recorder.calls):
         if call[0] == "eval":
             assert recorder.calls[i - 1][:2] == ("step", call[1])
+
+
+def test_metrics_writer_cuts_a_failed_write_back_to_whole_lines(tmp_path):
+    """Injected: a full disk writes part of a line, then raises OSError(ENOSPC)."""
+
+    class DiskFull:
+        def __init__(self, file):
+            self.file = file
+
+        def write(self, data):
+            self.file.write(data[:9])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+    path = tmp_path / "metrics.jsonl"
+    writer = MetricsWriter(path)
+    writer.on_start(FitStart(0, math.inf, 100, History()))
+    writer.on_step({"step": 1, "loss": 0.5})
+    writer._file = DiskFull(writer._file)
+    with pytest.raises(OSError, match="No space left") as failed:
+        writer.on_step({"step": 2, "loss": 0.25})
+    writer.on_end(None)  # closing the file (at exit at the latest) writes no more of it
+    assert path.read_text() == '{"step": 1, "loss": 0.5}\n'
+    assert failed.value.filename == str(path)  # the command's one line names the file
+
+
+def _bar(monkeypatch, clock, max_examples=1000, history=None):
+    """A ProgressBar into a string, on the fake ``clock`` (a one-element list)."""
+    import tqdm.std
+
+    monkeypatch.setattr(tqdm.std, "time", lambda: clock[0])
+    bar = ProgressBar("t", file=io.StringIO())
+    bar.on_start(FitStart(0, math.inf, max_examples, history or History()))
+    return bar
+
+
+def _record(step, examples, batch_size, padded_size=None):
+    return {"step": step, "examples": examples, "batch_size": batch_size,
+            "padded_size": padded_size or batch_size, "loss": 1.0}  # fmt: skip
+
+
+def test_progress_bar_time_left_counts_from_the_second_step(monkeypatch):
+    clock = [0.0]
+    bar = _bar(monkeypatch, clock)
+    clock[0] = 100.0  # the first step compiles: tqdm foresaw 1:42:30 from it
+    bar.on_step(_record(1, 16, 16))
+    assert "<?," in str(bar._bar)
+    clock[0] = 101.0  # 16 examples a second from here: 968 left take a minute
+    bar.on_step(_record(2, 32, 16))
+    assert "<01:00," in str(bar._bar)
+    bar.on_end(None)
+
+
+def test_progress_bar_marks_the_budgets_last_batch(monkeypatch):
+    clock = [0.0]
+    bar = _bar(monkeypatch, clock, max_examples=100)
+    for step, (examples, size) in enumerate([(32, 32), (64, 32), (96, 32)], 1):
+        bar.on_step(_record(step, examples, size, 64))
+        assert bar._bar.postfix.startswith(f"batch={size}/64,")
+    bar.on_step(_record(4, 100, 4, 64))  # what was left of the budget, below the minimum
+    assert bar._bar.postfix.startswith("batch=4/64 (last: rest of budget),")
+    bar.on_end(None)

@@ -29,7 +29,7 @@ def compare_command(args) -> int:
             method, options, dataset, run_dir, target=target, progress=not args.no_progress
         )
     title = f"{options.dataset} / {options.model}, {budget:,} examples each"
-    plots = [p.name for p in compare_plots(runs, out, title, target)]
+    plots = [p.name for p in compare_plots(runs, out, title, target, budget)]
     (out / "report.md").write_text(
         report_markdown(
             summaries,

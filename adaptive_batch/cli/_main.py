@@ -3,17 +3,23 @@
 Every mistake in the input ends in one line on stderr that says what to change, and
 exit code 2, never a traceback: argparse's own errors (unknown option, bad choice) and
 the checks made after parsing (min > max, an output directory that holds another run).
+A file that cannot be written during the run (a full disk) ends in one line, exit 74.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 
 from adaptive_batch.cli._errors import UsageError
 from adaptive_batch.cli._methods import METHODS
 from adaptive_batch.cli._resolve import DATASET_NAMES, DEFAULT_EPOCHS, MODEL_NAMES
+
+#: A file of the run could not be written (EX_IOERR of sysexits.h: not 1, which a
+#: Python traceback gives, so that a script can tell the two apart).
+EXIT_WRITE_FAILED = 74
 
 
 class _Parser(argparse.ArgumentParser):
@@ -64,7 +70,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--batch-size", type=int, default=None,
         help="constant batch size of the baselines (sgd, adagrad, adagrad-norm, adam); "
-        "default: --min-batch-size",
+        "default: --min-batch-size. Adaptive methods start at --min-batch-size (train "
+        "refuses --batch-size with one; compare applies it to the baselines only)",
     )  # fmt: skip
     p.add_argument(
         "--lr", type=float, default=None,
@@ -266,3 +273,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except OSError as error:  # a full disk, a file system gone read-only, ...
+        where = f": {error.filename}" if error.filename else ""
+        fix = "free some space" if error.errno == errno.ENOSPC else "fix that"
+        print(
+            f"{prog}: error: {error.strerror or error}{where}; the run stopped there. "
+            f"{fix.capitalize()}, then run again with --overwrite.",
+            file=sys.stderr,
+        )
+        return EXIT_WRITE_FAILED

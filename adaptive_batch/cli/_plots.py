@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -80,11 +81,54 @@ def _accuracy_panel(ax, rows: Rows, x: str, label: str | None = None, color=None
     ax.grid(alpha=0.3)
 
 
-def _batch_panel(ax, rows: Rows, label: str | None = None, color=None) -> None:
-    ax.plot(_column(rows, "step"), _column(rows, "batch_size"), color=color, label=label)
+def _rest_of_budget(rows: Rows, budget: int | None) -> bool:
+    """Whether the last batch is what was left of the examples budget and smaller than
+    the one before: the method did not choose it (it may be below --min-batch-size)."""
+    return (
+        budget is not None
+        and len(rows) >= 2
+        and rows[-1]["examples"] >= budget
+        and rows[-1]["batch_size"] < rows[-2]["batch_size"]
+    )
+
+
+def _batch_panel(
+    ax, rows: Rows, label: str | None = None, color=None, budget: int | None = None
+) -> None:
+    steps, sizes = _column(rows, "step"), _column(rows, "batch_size")
+    rest = _rest_of_budget(rows, budget)
+    end = -1 if rest else None
+    (line,) = ax.plot(steps[:end], sizes[:end], color=color, label=label)
+    if rest:  # a point apart, not the end of the method's curve
+        ax.plot(
+            steps[-1:], sizes[-1:], "o", mfc="none", color=line.get_color(),
+            label="last batch: rest of budget" if label is None else None,
+        )  # fmt: skip
+        if label is None:
+            ax.legend()
     ax.set_yscale("log", base=2)
+    _pow2_ticks(ax)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("batch size")
+
+
+def _pow2_ticks(ax, most: int = 8) -> None:
+    """Label powers of two as plain numbers around all the sizes drawn so far: the
+    default log-2 axis labels only whole powers in range, one or none when the sizes
+    stay within a factor of two or four."""
+    from matplotlib.ticker import NullLocator
+
+    lo, hi = ax.dataLim.intervaly
+    if not (np.isfinite(lo) and np.isfinite(hi) and lo > 0):
+        return
+    first, last = math.floor(math.log2(lo)), math.ceil(math.log2(hi))
+    if last - first < 2:  # a (nearly) constant batch: a power below and above it too
+        first, last = first - 1, last + 1
+    stride = math.ceil((last - first + 1) / most)
+    ticks = 2.0 ** np.arange(first, last + stride, stride)
+    ax.set_yticks(ticks, [f"{t:.0f}" for t in ticks])
+    ax.yaxis.set_minor_locator(NullLocator())
+    ax.set_ylim(ticks[0] / 2**0.25, ticks[-1] * 2**0.25)  # lines off the frame
 
 
 def _lr_panel(ax, rows: Rows) -> None:
@@ -105,10 +149,13 @@ def _lr_panel(ax, rows: Rows) -> None:
     ax.legend()
 
 
-def run_plots(rows: Rows, out: Path, title: str, write: bool = True) -> list[Path]:
+def run_plots(
+    rows: Rows, out: Path, title: str, write: bool = True, budget: int | None = None
+) -> list[Path]:
     """One run's plots: loss and accuracy against examples and wall time, batch size
     against step, learning rate against step, and ``overview.png`` with all six
-    (their paths only, with ``write=False``)."""
+    (their paths only, with ``write=False``). With the examples ``budget``, a last batch
+    cut short by it is a marked point apart from the batch-size curve."""
     if not write:
         names = ["loss_vs_examples", "loss_vs_time", "accuracy_vs_examples",
                  "accuracy_vs_time", "batch_size", "learning_rate", "overview"]  # fmt: skip
@@ -119,7 +166,7 @@ def run_plots(rows: Rows, out: Path, title: str, write: bool = True) -> list[Pat
         "loss_vs_time": lambda ax: _loss_panel(ax, rows, "time"),
         "accuracy_vs_examples": lambda ax: _accuracy_panel(ax, rows, "examples"),
         "accuracy_vs_time": lambda ax: _accuracy_panel(ax, rows, "time"),
-        "batch_size": lambda ax: _batch_panel(ax, rows),
+        "batch_size": lambda ax: _batch_panel(ax, rows, budget=budget),
         "learning_rate": lambda ax: _lr_panel(ax, rows),
     }
     paths = []
@@ -136,9 +183,12 @@ def run_plots(rows: Rows, out: Path, title: str, write: bool = True) -> list[Pat
     return paths
 
 
-def compare_plots(runs: dict[str, Rows], out: Path, title: str, target: float) -> list[Path]:
+def compare_plots(
+    runs: dict[str, Rows], out: Path, title: str, target: float, budget: int | None = None
+) -> list[Path]:
     """Overlays of several runs: test accuracy against steps, examples and wall time,
-    train loss against examples, batch size against step; and ``compare_overview.png``."""
+    train loss against examples, batch size against step; and ``compare_overview.png``
+    (``budget``: as in `run_plots`)."""
     plt = _pyplot()
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 
@@ -176,7 +226,7 @@ def compare_plots(runs: dict[str, Rows], out: Path, title: str, target: float) -
             ax, lambda ax, r, n, c: _loss_panel(ax, r, "examples", n, c)
         ),
         "compare_batch_size": log_steps(
-            lambda ax: overlay(ax, lambda ax, r, n, c: _batch_panel(ax, r, n, c))
+            lambda ax: overlay(ax, lambda ax, r, n, c: _batch_panel(ax, r, n, c, budget))
         ),
     }
     paths = []
@@ -185,10 +235,13 @@ def compare_plots(runs: dict[str, Rows], out: Path, title: str, target: float) -
         draw(ax)
         ax.set_title(title, fontsize=9)
         paths.append(_save(fig, out / f"{name}.png", plt))
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8), layout="constrained")
-    for ax, draw in zip(axes.ravel(), panels.values(), strict=False):
-        draw(ax)
-    axes.ravel()[-1].axis("off")
+    # Five panels, no empty sixth: the batch sizes get the wide bottom right.
+    names = list(panels)
+    fig, axes = plt.subplot_mosaic(
+        [names[:3], [names[3], names[4], names[4]]], figsize=(15, 8), layout="constrained"
+    )
+    for name, draw in panels.items():
+        draw(axes[name])
     fig.suptitle(title)
     paths.append(_save(fig, out / "compare_overview.png", plt))
     return paths

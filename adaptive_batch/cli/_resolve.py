@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import tempfile
 import time
 from pathlib import Path
 
+from adaptive_batch._limits import MAX_REPRESENTABLE_BATCH
 from adaptive_batch.cli._errors import UsageError
 from adaptive_batch.cli._methods import METHODS, Method
 from adaptive_batch.datasets import Dataset, load_dataset
@@ -71,6 +73,17 @@ def _positive_int(option: str, value: int, minimum: int = 1) -> None:
         raise UsageError(f"{option} {value} must be >= {minimum}.")
 
 
+def _batch_size(option: str, value: int) -> None:
+    """1 <= value <= 2**30: the methods keep batch sizes in int32 (and a larger one would
+    fail later with a traceback, or exhaust memory)."""
+    _positive_int(option, value)
+    if value > MAX_REPRESENTABLE_BATCH:
+        raise UsageError(
+            f"{option} {value} is above the largest batch size; pass a size in "
+            f"[1, {MAX_REPRESENTABLE_BATCH}] (2**30)."
+        )
+
+
 def common(args) -> Options:
     if args.dataset not in DATASET_NAMES:
         raise UsageError(
@@ -86,15 +99,15 @@ def common(args) -> Options:
             f"--num-samples sets the size of mnist1d only; {args.dataset} has a fixed size. "
             "Leave out --num-samples, or use --dataset mnist1d."
         )
-    _positive_int("--min-batch-size", args.min_batch_size)
-    _positive_int("--max-batch-size", args.max_batch_size)
+    _batch_size("--min-batch-size", args.min_batch_size)
+    _batch_size("--max-batch-size", args.max_batch_size)
     if args.min_batch_size > args.max_batch_size:
         raise UsageError(
             f"--min-batch-size {args.min_batch_size} is above --max-batch-size "
             f"{args.max_batch_size}; pass a minimum <= the maximum."
         )
     batch_size = args.min_batch_size if args.batch_size is None else args.batch_size
-    _positive_int("--batch-size", batch_size)
+    _batch_size("--batch-size", batch_size)
     if args.epochs is not None and not (math.isfinite(args.epochs) and args.epochs > 0):
         raise UsageError(f"--epochs {args.epochs} must be a positive number, e.g. --epochs 20.")
     if args.examples is not None:
@@ -158,7 +171,11 @@ def out_dir(out: str | None, default_stem: str, overwrite: bool) -> Path:
         path = Path(out)
     if path.exists() and not path.is_dir():
         raise UsageError(f"--out {path} is a file; pass a directory path.")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
+    try:
+        nonempty = path.is_dir() and any(path.iterdir())
+    except OSError as error:
+        raise UsageError(f"--out {path} cannot be read ({error.strerror}); pass another.") from None
+    if nonempty and not overwrite:
         held = [f for f in RUN_FILES if (path / f).exists()]
         what = f"another run ({', '.join(held)})" if held else "other files"
         raise UsageError(
@@ -174,5 +191,14 @@ def make_dir(path: Path) -> Path:
     except OSError as error:
         raise UsageError(
             f"--out {path} cannot be created ({error.strerror}); pass another."
+        ) from None
+    try:
+        # An existing directory may be read-only: say so now, not with a traceback at
+        # the first file. (A nameless temporary file: nothing is left behind.)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise UsageError(
+            f"--out {path} is not writable ({error.strerror}); pass a directory you can write to."
         ) from None
     return path

@@ -134,6 +134,12 @@ def run(
         )  # fmt: skip
     except NonFiniteError as error:
         result, stop_reason = error.result, str(error)
+    except Exception:
+        # fit passes other errors (a full disk) on without on_end: close the bar and the
+        # file here, so that the command's one-line message starts a line of its own.
+        for callback in callbacks:
+            callback.on_end(None)
+        raise
     rows = result.history.steps
     for row in rows:  # the command's optimizers do not expose their learning rate
         row.setdefault("learning_rate", config.lr)

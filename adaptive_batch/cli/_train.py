@@ -7,8 +7,9 @@ provenance), ``metrics.jsonl`` (one JSON object per step), ``summary.json``, PNG
 file is strict JSON: a non-finite number is written as ``null``.
 
 Exit codes: 0 done, 2 bad options, 3 diverged (non-finite steps or a non-finite loss
-of the trained parameters), 130 interrupted by Ctrl-C, 143 by SIGTERM (checkpoint and
-summary written).
+of the trained parameters), 74 a file could not be written (a full disk; the run stops,
+metrics.jsonl keeps its whole lines), 130 interrupted by Ctrl-C, 143 by SIGTERM
+(checkpoint and summary written).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 from adaptive_batch.cli import _resolve
 from adaptive_batch.cli._errors import UsageError
-from adaptive_batch.cli._methods import Method
+from adaptive_batch.cli._methods import METHODS, Method
 from adaptive_batch.cli._plots import run_plots
 from adaptive_batch.cli._report import summary_table, time_to_target
 from adaptive_batch.cli._run import RunConfig, run
@@ -57,7 +58,13 @@ def write_json(path: Path, obj: Any) -> None:
     if jax.process_index() != 0:
         return
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(strict_json(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
+    text = json.dumps(strict_json(obj), indent=2, sort_keys=True, allow_nan=False) + "\n"
+    try:
+        tmp.write_text(text)
+    except OSError as error:  # e.g. a full disk: leave no half-written .tmp behind
+        tmp.unlink(missing_ok=True)
+        error.filename = error.filename or str(tmp)  # a failed write names none
+        raise
     tmp.replace(path)
 
 
@@ -163,7 +170,8 @@ def train_one(
         summary["target"] = target
         summary["to_target"] = time_to_target(rows, target)
     title = f"{method.name} (lr {lr:g}) on {options.dataset} / {options.model}"
-    summary["plots"] = [p.name for p in run_plots(rows, out, title, write=main_process)]
+    plots = run_plots(rows, out, title, write=main_process, budget=budget)
+    summary["plots"] = [p.name for p in plots]
     if spectrum and not summary["diverged"] and main_process:
         from adaptive_batch.cli._spectrum import write_spectrum
 
@@ -176,6 +184,15 @@ def train_one(
 def train_command(args) -> int:
     options = _resolve.common(args)
     method = _resolve.method(args.method)
+    if method.adaptive and args.batch_size is not None:
+        # It would be recorded in config.json and ignored. (compare accepts it: there
+        # it sets the baselines' batch among the methods compared.)
+        baselines = ", ".join(m.name for m in METHODS.values() if not m.adaptive)
+        raise UsageError(
+            f"--batch-size sets the constant batch of the baselines ({baselines}); "
+            f"{method.name} chooses its own, starting at --min-batch-size: leave out "
+            "--batch-size, or pass --min-batch-size / --max-batch-size."
+        )
     target = _resolve.target(args.target)
     checkpoint_every = _resolve.checkpoint_every(args.checkpoint_every)
     if args.resume and (args.out is None or not Path(args.out).is_dir()):
