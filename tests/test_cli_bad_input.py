@@ -238,3 +238,37 @@ def test_compare_overview_has_five_panels_and_readable_batch_ticks(tmp_path, fig
     ax = figures["compare_batch_size.png"].axes[0]
     ticks = _visible_ticks(ax)
     assert 3 <= len(ticks) <= 8 and ticks[0] <= 1 and ticks[-1] >= 2**20
+
+
+def test_a_cap_above_the_training_set_is_lowered_to_it_with_a_note(tmp_path, capsys):
+    """Digits has 1,438 training examples: the default cap of 2,048 would repeat
+    examples within a batch (fit's warning); the command uses the full batch instead."""
+    out = tmp_path / "run"
+    code, _, err = _run(
+        ["train", "--dataset", "digits", "--model", "logreg", "--examples", "400",
+         "--evals", "1", "--no-progress", "--out", str(out)], capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    assert (
+        "note: --max-batch-size 2048 is above the 1438 training examples of digits; "
+        "using 1438 (full batch)."
+    ) in err
+    assert "Warning" not in err  # fit had nothing to warn about
+    assert json.loads((out / "config.json").read_text())["max_batch_size"] == 1438
+
+
+def test_warnings_during_a_run_are_one_line(tmp_path, capsys, monkeypatch):
+    import warnings
+
+    from adaptive_batch.cli import _train
+
+    def warn_and_finish(args):
+        warnings.warn("the rule asked for 8 examples, below the current batch", stacklevel=1)
+        return 0
+
+    monkeypatch.setattr(_train, "train_command", warn_and_finish)
+    code, _, err = _run(["train", *TINY, "--out", str(tmp_path / "run")], capsys)
+    assert code == 0
+    assert err == (
+        "adaptive-batch train: warning: the rule asked for 8 examples, below the current batch\n"
+    )

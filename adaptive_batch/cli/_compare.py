@@ -19,6 +19,7 @@ def compare_command(args) -> int:
     target = _resolve.target(args.target)
     out = _resolve.out_dir(args.out, f"compare-{options.dataset}-{options.model}", args.overwrite)
     dataset = _resolve.dataset(options)
+    options = _resolve.cap_at_dataset(options, dataset)
     _resolve.make_dir(out)
     budget = options.budget(dataset)
     summaries, runs = {}, {}

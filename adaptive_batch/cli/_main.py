@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import errno
 import sys
+import warnings
 from pathlib import Path
 
 from adaptive_batch.cli._errors import UsageError
@@ -257,6 +258,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     prog = f"{parser.prog} {args.command}"
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line(prog)
+        return _run_command(args, prog)
+
+
+def _one_line(prog: str):
+    """Warnings as one line each, like the command's errors (not a source line)."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"{prog}: warning: {message}", file=sys.stderr)
+
+    return show
+
+
+def _run_command(args, prog: str) -> int:
     try:
         _initialize_processes(args)
         _compile_cache(args)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -161,6 +162,25 @@ def dataset(options: Options) -> Dataset:
     except ValueError as error:  # the loaders' messages name the value and the fix
         option = "--num-samples" if options.dataset == "mnist1d" else "--dataset"
         raise UsageError(f"{option}: {error}") from None
+
+
+def cap_at_dataset(options: Options, dataset: Dataset) -> Options:
+    """``options`` with ``max_batch_size`` at most the training set (a multiple of
+    ``--devices``), said on stderr: a batch above it repeats examples within itself."""
+    largest = dataset.num_train - dataset.num_train % options.devices
+    if options.max_batch_size <= largest:
+        return options
+    if options.min_batch_size > largest:
+        raise UsageError(
+            f"--min-batch-size {options.min_batch_size} is above the {dataset.num_train} "
+            f"training examples of {options.dataset}; pass at most {largest}."
+        )
+    print(
+        f"note: --max-batch-size {options.max_batch_size} is above the {dataset.num_train} "
+        f"training examples of {options.dataset}; using {largest} (full batch).",
+        file=sys.stderr,
+    )
+    return dataclasses.replace(options, max_batch_size=largest)
 
 
 def out_dir(out: str | None, default_stem: str, overwrite: bool) -> Path:

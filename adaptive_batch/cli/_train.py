@@ -205,6 +205,7 @@ def train_command(args) -> int:
         args.overwrite or args.resume,
     )  # fmt: skip
     dataset = _resolve.dataset(options)
+    options = _resolve.cap_at_dataset(options, dataset)
     _resolve.make_dir(out)
     if args.overwrite and not args.resume and (out / "checkpoints").exists():
         import shutil
