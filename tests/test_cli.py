@@ -295,3 +295,46 @@ def test_report_calls_a_tie_a_tie():
         "Fewest optimizer steps to 90%: **cabs** and **sgd** (102 each, a tie)."
     )
     assert verdict(cabs=102, sgd=103) == "Fewest optimizer steps to 90%: **cabs** (102)."
+
+
+def test_compare_over_seeds_reports_means_and_ranges(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    code, stdout, err = _run(
+        ["compare", *TINY, "--methods", "norm-test,sgd", "--seeds", "0,1,2", "--target", "0.3",
+         "--out", str(out)], capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["seeds"] == [0, 1, 2] and set(report["methods"]) == {"norm-test", "sgd"}
+    for name, entry in report["methods"].items():
+        runs = entry["seeds"]
+        assert [r["seed"] for r in runs] == [0, 1, 2]
+        for seed, run in zip([0, 1, 2], runs, strict=True):  # each run's own files agree
+            on_disk = json.loads((out / name / f"seed-{seed}" / "summary.json").read_text())
+            assert on_disk["test_accuracy"] == run["test_accuracy"]
+            assert (
+                json.loads((out / name / f"seed-{seed}" / "config.json").read_text())["seed"]
+                == seed
+            )
+        accuracies = [r["test_accuracy"] for r in runs]
+        assert len(set(accuracies)) > 1  # the seeds differ
+        figure = entry["test_accuracy"]
+        assert figure["min"] == min(accuracies) and figure["max"] == max(accuracies)
+        assert figure["mean"] == pytest.approx(np.mean(accuracies))
+        reached = [r for r in runs if r["to_target"]]
+        assert entry["reached"] == len(reached) and entry["num_seeds"] == 3
+        if reached:
+            steps = [r["to_target"]["steps"] for r in reached]
+            assert entry["steps_to_target"]["mean"] == pytest.approx(np.mean(steps))
+    text = (out / "report.md").read_text()
+    low, high = (
+        f"{100 * report['methods']['sgd']['test_accuracy'][k]:.1f}" for k in ("min", "max")
+    )
+    assert f"({low}–{high}) %" in text and "once per seed (0, 1, 2" in text
+    assert "norm-test" in stdout and "seeds reaching" in stdout
+
+
+@pytest.mark.parametrize("seeds", ["0,x", "0,0", "-1", ","])
+def test_bad_seeds_are_one_line(seeds, tmp_path, capsys):
+    code, _, err = _run(["compare", *TINY, "--seeds", seeds, "--out", str(tmp_path / "c")], capsys)
+    assert code == 2 and err.count("\n") == 1 and "--seeds" in err

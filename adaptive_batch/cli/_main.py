@@ -203,6 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="output directory (default: runs/compare-<dataset>-<model>-<time>)",
     )  # fmt: skip
     compare.add_argument(
+        "--seeds", default=None, metavar="LIST",
+        help="comma-separated seeds, e.g. 0,1,2: every method runs once per seed (into "
+        "OUT/<method>/seed-<seed>), and report.md / report.json give each figure's mean "
+        "and range over them (default: the one --seed)",
+    )  # fmt: skip
+    compare.add_argument(
         "--target", type=float, default=0.9,
         help="test accuracy (0..1) to measure steps, examples and time to",
     )  # fmt: skip

@@ -93,6 +93,97 @@ def compare_table(summaries: dict[str, dict[str, Any]], target: float, markdown:
     return _table(header, body, markdown=markdown)
 
 
+#: The figures aggregated over seeds: (name, how to read it from a summary).
+_FIGURES = {
+    "test_accuracy": lambda s: s["test_accuracy"],
+    "steps_to_target": lambda s: (s.get("to_target") or {}).get("steps"),
+    "examples_to_target": lambda s: (s.get("to_target") or {}).get("examples"),
+    "wall_time_to_target_s": lambda s: (s.get("to_target") or {}).get("wall_time_s"),
+    "steps": lambda s: s["steps"],
+    "final_batch_size": lambda s: s["final_batch_size"],
+    "wall_time_s": lambda s: s["wall_time_s"],
+}
+
+
+def aggregate(per_seed: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Mean, min and max of each figure over the seeds' summaries; a figure to the
+    target over the seeds that reached it (``reached``: how many of them did)."""
+    result: dict[str, Any] = {
+        "num_seeds": len(per_seed),
+        "reached": sum(bool(s.get("to_target")) for s in per_seed),
+    }
+    for name, read in _FIGURES.items():
+        values = [v for v in (read(s) for s in per_seed) if v is not None and v == v]
+        result[name] = (
+            {"mean": sum(values) / len(values), "min": min(values), "max": max(values)}
+            if values
+            else None
+        )
+    return result
+
+
+def _spread(figure: dict[str, Any] | None, fmt: str) -> str:
+    """``mean (min–max)``; "—" for a figure no seed has."""
+    if figure is None:
+        return "—"
+    mean, low, high = (format(figure[k], fmt) for k in ("mean", "min", "max"))
+    return mean if low == high else f"{mean} ({low}–{high})"
+
+
+def seeds_table(methods: dict[str, dict[str, Any]], target: float, markdown: bool) -> str:
+    """One row per method (``methods``: name -> `aggregate`'s figures): each figure's
+    mean and its range (min–max) over the seeds; the figures to the target over the
+    seeds that reached it."""
+    header = [
+        "method", "seeds reaching", "final test acc", f"steps to {target:.0%}",
+        f"examples to {target:.0%}", f"time to {target:.0%} (s)", "steps", "wall time (s)",
+    ]  # fmt: skip
+    body = []
+    for name, a in methods.items():
+        body.append(
+            [
+                name,
+                f"{a['reached']}/{a['num_seeds']}",
+                _spread(_scaled(a["test_accuracy"], 100), ".1f") + " %",
+                _spread(a["steps_to_target"], ",.0f"),
+                _spread(a["examples_to_target"], ",.0f"),
+                _spread(a["wall_time_to_target_s"], ".1f"),
+                _spread(a["steps"], ",.0f"),
+                _spread(a["wall_time_s"], ".1f"),
+            ]
+        )
+    return _table(header, body, markdown=markdown)
+
+
+def _scaled(figure: dict[str, Any] | None, factor: float) -> dict[str, Any] | None:
+    return None if figure is None else {k: v * factor for k, v in figure.items()}
+
+
+def seeds_markdown(
+    methods: dict[str, dict[str, Any]], *, title: str, target: float, budget: int,
+    seeds: Sequence[int], plots: Sequence[str],
+) -> str:  # fmt: skip
+    """``report.md`` of a comparison over several seeds."""
+    lines = [
+        f"# {title}",
+        "",
+        f"Every method trained on the same budget of {budget:,} examples, once per seed "
+        f"({', '.join(map(str, seeds))}: the seed of the model's initialisation and of the "
+        f"data order). Each figure is the mean over the seeds, with its range (min–max) "
+        f"in brackets; the figures to {target:.0%} test accuracy are over the seeds that "
+        "reached it, read at the first test evaluation at or above it. Wall time counts "
+        "training steps, compilation included, and no evaluation.",
+        "",
+        seeds_table(methods, target, markdown=True),
+        "",
+        f"The plots show seed {seeds[0]}. Every run's files are in "
+        "`<method>/seed-<seed>/`; `report.json` holds every summary and these figures.",
+        "",
+    ]
+    lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    return "\n".join(lines)
+
+
 def report_markdown(
     summaries: dict[str, dict[str, Any]], *, title: str, target: float, budget: int,
     plots: Sequence[str],

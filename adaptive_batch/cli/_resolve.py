@@ -164,6 +164,23 @@ def dataset(options: Options) -> Dataset:
         raise UsageError(f"{option}: {error}") from None
 
 
+def seed_list(text: str | None) -> list[int] | None:
+    """``--seeds 0,1,2``: distinct integers >= 0 (None: not given)."""
+    if text is None:
+        return None
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UsageError(
+            f"--seeds {text!r} must be comma-separated integers, e.g. --seeds 0,1,2."
+        ) from None
+    if not seeds or min(seeds) < 0:
+        raise UsageError(f"--seeds {text!r} must list integers >= 0, e.g. --seeds 0,1,2.")
+    if len(set(seeds)) != len(seeds):
+        raise UsageError(f"--seeds {text!r} lists a seed twice; name each once.")
+    return seeds
+
+
 def cap_at_dataset(options: Options, dataset: Dataset) -> Options:
     """``options`` with ``max_batch_size`` at most the training set (a multiple of
     ``--devices``), said on stderr: a batch above it repeats examples within itself."""
