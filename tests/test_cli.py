@@ -338,3 +338,23 @@ def test_compare_over_seeds_reports_means_and_ranges(tmp_path, capsys):
 def test_bad_seeds_are_one_line(seeds, tmp_path, capsys):
     code, _, err = _run(["compare", *TINY, "--seeds", seeds, "--out", str(tmp_path / "c")], capsys)
     assert code == 2 and err.count("\n") == 1 and "--seeds" in err
+
+
+def test_noise_scale_is_recorded_and_drawn_beside_the_batch_size(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = _run(["train", *TINY, "--method", "norm-test", "--out", str(out)], capsys)
+    assert code == 0, err
+    rows = [r for r in _read_jsonl(out / "metrics.jsonl") if "step" in r]
+    assert all(r["noise_scale"] >= 0 for r in rows)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from adaptive_batch.cli import _plots
+
+    fig, ax = plt.subplots()
+    _plots._batch_panel(ax, rows)
+    labels = [line.get_label() for line in ax.get_lines()]
+    assert "noise scale tr Σ / ‖ḡ‖² (smoothed)" in labels and "asked by the rule" in labels
+    plt.close(fig)

@@ -322,3 +322,26 @@ def test_multisteps_around_a_rule_is_refused_with_the_exact_alternative():
     step = ab.make_train_step(loss_fn, tx)
     params, state, _ = step(params, tx.init(params), make_data(16))
     assert int(state.mini_step) == 1
+
+
+def test_noise_scale_metric_against_per_example_gradients():
+    """B_simple of the batch, tr Σ̂ / ‖ḡ‖² with the unbiased tr Σ̂, against a float64
+    brute force from per-example gradients (the masked rows excluded)."""
+    tx = optax.chain(ab.norm_test(0.5, min_batch_size=8), optax.sgd(0.01))
+    params = init_params()
+    data = make_data(24)
+    mask = np.arange(24) < 20
+    step = ab.make_train_step(loss_fn, tx)
+    _, _, metrics = step(params, tx.init(params), data, mask)
+    x = np.asarray(data["x"], np.float64)[:20]
+    y = np.asarray(data["y"], np.float64)[:20]
+    w, c = np.asarray(params["w"], np.float64), float(params["c"])
+    residual = x @ w + c - y
+    grads = np.concatenate([residual[:, None] * x, residual[:, None]], axis=1)  # (b, 6)
+    mean = grads.mean(0)
+    trace = ((grads - mean) ** 2).sum() / (len(grads) - 1)
+    np.testing.assert_allclose(float(metrics["noise_scale"]), trace / (mean @ mean), rtol=1e-4)
+    # A plain optimizer gets one plain gradient: no per-example sums, no noise scale.
+    plain = ab.make_train_step(loss_fn, optax.sgd(0.01))
+    _, _, metrics = plain(params, optax.sgd(0.01).init(params), data, mask)
+    assert "noise_scale" not in metrics

@@ -98,14 +98,23 @@ def _batch_panel(
     steps, sizes = _column(rows, "step"), _column(rows, "batch_size")
     rest = _rest_of_budget(rows, budget)
     end = -1 if rest else None
-    (line,) = ax.plot(steps[:end], sizes[:end], color=color, label=label)
+    (line,) = ax.plot(steps[:end], sizes[:end], color=color, label=label or "batch size")
     if rest:  # a point apart, not the end of the method's curve
         ax.plot(
             steps[-1:], sizes[-1:], "o", mfc="none", color=line.get_color(),
             label="last batch: rest of budget" if label is None else None,
         )  # fmt: skip
-        if label is None:
-            ax.legend()
+    if label is None and any("noise_scale" in r for r in rows):
+        # What the data says beside what the rule asked: the test's demand is about
+        # B_simple / η² (norm test), CABS's α·tr Σ / F.
+        noise = _column(rows, "noise_scale")
+        known = noise > 0  # not NaN (missing) nor 0 (undefined: a zero gradient)
+        ax.plot(steps[known], np.exp(_smooth(np.log(noise[known]))), "--", lw=1,
+                label="noise scale tr Σ / ‖ḡ‖² (smoothed)")  # fmt: skip
+        ax.plot(steps, _column(rows, "suggested_batch_size"), lw=0.8, alpha=0.6,
+                label="asked by the rule")  # fmt: skip
+    if label is None and (rest or len(ax.get_lines()) > 1):
+        ax.legend(fontsize=7)
     ax.set_yscale("log", base=2)
     _pow2_ticks(ax)
     ax.set_xlabel("optimizer step")

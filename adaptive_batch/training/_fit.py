@@ -48,6 +48,7 @@ _LOGGED = {
     "batch_size": "suggested_batch_size",
     "grad_norm": "grad_norm",
     "update_norm": "update_norm",
+    "noise_scale": "noise_scale",
 }
 
 
