@@ -16,7 +16,6 @@ from adaptive_batch.stats import GradStats, per_example_stats
 from adaptive_batch.training import (  # also binds adaptive_batch.training
     fit,
     make_linen_train_step,
-    make_nnx_train_step,
     make_train_step,
 )
 from adaptive_batch.transforms import (
@@ -35,6 +34,16 @@ from adaptive_batch.transforms import (
 )
 
 __version__ = "0.1.0.dev0"
+
+
+def __getattr__(name: str):
+    # make_nnx_train_step imports Flax (0.7 s): only for those who use it.
+    if name == "make_nnx_train_step":
+        from adaptive_batch.training import make_nnx_train_step
+
+        return make_nnx_train_step
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "BatchPlan",

@@ -18,9 +18,18 @@ from adaptive_batch.training._fit import fit
 from adaptive_batch.training._fit_result import FitResult, NonFiniteError
 from adaptive_batch.training._linen import LinenTrainStep, make_linen_train_step
 from adaptive_batch.training._metrics import CompileCounter, History, step_metrics
-from adaptive_batch.training._nnx import NnxTrainStep, make_nnx_train_step
 from adaptive_batch.training._schedule import EvalSchedule
 from adaptive_batch.training._step import PlainTrainStep, TrainStep, make_train_step
+
+
+def __getattr__(name: str):
+    # The Flax NNX adapter imports Flax (0.7 s): only for those who use it.
+    if name in ("NnxTrainStep", "make_nnx_train_step"):
+        from adaptive_batch.training import _nnx
+
+        return getattr(_nnx, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "Callback",

@@ -11,13 +11,13 @@ shape per bucket of the `BatchSizeController`, so it compiles at most once per b
 from __future__ import annotations
 
 import concurrent.futures
+import sys
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
 import optax
-from flax import nnx
 
 from adaptive_batch.stats import GradStats, per_example_stats
 from adaptive_batch.stats._validation import check_mask_values
@@ -169,7 +169,7 @@ class TrainStep:
         """The batch's `GradStats`, with the sums ``tx`` needs (traced, inside the step)."""
         if tx not in self._options:
             # Plain arrays, as tx.update sees them (Flax NNX wraps them in Variables).
-            pure = nnx.as_pure((params, opt_state))
+            pure = _as_pure((params, opt_state))
             refuse_misplaced_optimizer(pure[1])
             extra_args_tx = optax.with_extra_args_support(tx)
             if _inside_multisteps(opt_state):
@@ -282,11 +282,18 @@ def _multi_device_sharding(tree):
     return None
 
 
+def _as_pure(tree):
+    """Flax NNX Variables as their plain arrays, as ``tx.update`` sees them. Flax is not
+    imported here: a tree can only hold Variables if the caller imported it already."""
+    nnx = sys.modules.get("flax.nnx")
+    return tree if nnx is None else nnx.as_pure(tree)
+
+
 def _inside_multisteps(opt_state) -> bool:
     def is_multisteps(x):
         return isinstance(x, optax.MultiStepsState)
 
-    leaves = jax.tree.leaves(nnx.as_pure(opt_state), is_leaf=is_multisteps)
+    leaves = jax.tree.leaves(_as_pure(opt_state), is_leaf=is_multisteps)
     return any(is_multisteps(leaf) for leaf in leaves)
 
 
@@ -334,7 +341,8 @@ class PlainTrainStep(TrainStep):
                 "make_nnx_train_step."
             )
         params, opt_state = state
-        if isinstance(params, nnx.Module) or isinstance(opt_state, nnx.Optimizer):
+        nnx = sys.modules.get("flax.nnx")  # imported by the caller if it holds NNX objects
+        if nnx and (isinstance(params, nnx.Module) or isinstance(opt_state, nnx.Optimizer)):
             raise TypeError(
                 "state=(model, optimizer) of Flax NNX needs make_nnx_train_step(loss_fn), "
                 "not make_train_step (which trains a pytree of parameters)."
