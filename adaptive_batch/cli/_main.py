@@ -112,13 +112,14 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar (it goes to stderr)")
     compiling = p.add_argument_group("compiling (each batch-size bucket has its own compiled step)")
-    compiling.add_argument(
+    cache = compiling.add_mutually_exclusive_group()
+    cache.add_argument(
         "--compile-cache", default=None, metavar="DIR",
         help="keep compiled steps in DIR and reuse them in later runs (JAX's persistent "
         "compilation cache). Default: $JAX_COMPILATION_CACHE_DIR if set, else "
         "~/.cache/adaptive_batch/xla ($ADAPTIVE_BATCH_CACHE/xla)",
     )  # fmt: skip
-    compiling.add_argument(
+    cache.add_argument(
         "--no-compile-cache", action="store_true",
         help="compile every step anew; read and write no compilation cache",
     )  # fmt: skip
@@ -245,9 +246,7 @@ def _initialize_processes(args) -> None:
 
 
 def _compile_cache(args) -> None:
-    if args.no_compile_cache:
-        if args.compile_cache is not None:
-            raise UsageError("--compile-cache and --no-compile-cache contradict; pass one.")
+    if args.no_compile_cache:  # (argparse refuses it beside --compile-cache)
         return
     from adaptive_batch.cli._compile_cache import default_directory, use_compile_cache
 

@@ -14,6 +14,7 @@ batches wait in memory. ``loader.iterate(plans)`` does both for a known sequence
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import weakref
@@ -396,6 +397,7 @@ class Loader:
         )
 
 
+@functools.cache
 def _host_memory() -> int | None:
     """The host's physical memory in bytes; None where the OS does not say (Windows)."""
     try:

@@ -138,6 +138,14 @@ class GradStats(NamedTuple):
         deviation = self.sq_norm_sum - self.count * self.mean_grad_sq_norm
         return _safe_divide(jnp.maximum(deviation, 0), self.count - ddof)
 
+    def noise_scale(self) -> jax.Array:
+        """This batch's gradient noise scale B_simple = tr Σ / ‖∇F‖² (McCandlish et al.
+        2018, https://arxiv.org/abs/1812.06162), estimated as ``variance(ddof=1) /
+        ‖ḡ‖²``: about the batch size at which the noise equals the signal. 0 for a zero
+        mean gradient. One batch's estimate is noisy; `gradient_noise_scale` averages.
+        """
+        return _safe_divide(self.variance(ddof=1), self.mean_grad_sq_norm)
+
     def coordinate_variance(self, ddof: int = 1) -> PyTree:
         """Per-coordinate variance (Σᵢ gᵢ⊙gᵢ − b ḡ⊙ḡ) / (b − ddof), a pytree like the params.
 

@@ -68,11 +68,8 @@ def step_metrics(
       state holds one (`adaptive_batch.suggested_batch_size`); a skipped step keeps
       the one of ``previous_opt_state``.
     * ``learning_rate``: when the optimizer was built with ``optax.inject_hyperparams``.
-    * ``noise_scale``: when the statistics hold Σ‖gᵢ‖², this batch's estimate of the
-      gradient noise scale B_simple = tr Σ / ‖∇F‖² (McCandlish et al. 2018,
-      https://arxiv.org/abs/1812.06162), tr Σ̂ / ‖ḡ‖² with the unbiased tr Σ̂: about the
-      batch size at which the noise equals the signal (0 for a zero gradient or one
-      example; a single batch's estimate is noisy, `gradient_noise_scale` averages it).
+    * ``noise_scale``: when the statistics hold Σ‖gᵢ‖², this batch's gradient noise
+      scale `GradStats.noise_scale` (tr Σ̂ / ‖ḡ‖²).
     """
     metrics = {
         "loss": stats.mean_loss,
@@ -96,9 +93,7 @@ def step_metrics(
             batch_size = jnp.where(skipped, suggested_batch_size(previous_opt_state), batch_size)
         metrics["batch_size"] = batch_size
     if stats.sq_norm_sum is not None:
-        signal = stats.mean_grad_sq_norm
-        noise = stats.variance(ddof=1)
-        metrics["noise_scale"] = jnp.where(signal > 0, noise / jnp.where(signal > 0, signal, 1), 0)
+        metrics["noise_scale"] = stats.noise_scale()
     learning_rate = _find_learning_rate(opt_state)
     if learning_rate is not None:
         metrics["learning_rate"] = learning_rate

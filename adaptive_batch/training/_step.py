@@ -172,9 +172,9 @@ class TrainStep:
             pure = _as_pure((params, opt_state))
             refuse_misplaced_optimizer(pure[1])
             extra_args_tx = optax.with_extra_args_support(tx)
-            if _inside_multisteps(opt_state):
-                _refuse_rules_inside_multisteps(extra_args_tx, *pure)
             extra = step_batch(data, mask, num_microbatches)
+            if _inside_multisteps(opt_state):
+                _refuse_rules_inside_multisteps(extra_args_tx, *pure, extra)
             self._options[tx] = needed_stats(
                 extra_args_tx, *pure, self._coordinates, self._inner, extra
             )
@@ -259,11 +259,15 @@ _DONE: concurrent.futures.Future = concurrent.futures.Future()
 _DONE.set_result(None)
 
 
-def _refuse_rules_inside_multisteps(tx, params, opt_state) -> None:
+def _refuse_rules_inside_multisteps(tx, params, opt_state, extra) -> None:
     """A TypeError if ``tx``, an ``optax.MultiSteps``, wraps a transform that reads
-    ``grad_stats`` (a plain optimizer inside it is fine)."""
+    ``grad_stats`` (a plain optimizer inside it is fine; ``extra``: the step's other
+    extra arguments, its batch)."""
     try:
-        jax.eval_shape(lambda p, s: tx.update(p, s, p), _abstract(params), _abstract(opt_state))
+        jax.eval_shape(
+            lambda p, s, e: tx.update(p, s, p, **e),
+            _abstract(params), _abstract(opt_state), _abstract(extra),
+        )  # fmt: skip
     except Exception:  # it reads statistics
         raise TypeError(
             "optax.MultiSteps hands the batch-size rules the statistics of its last "
